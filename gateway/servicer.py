@@ -1,0 +1,44 @@
+"""GatewayServicer: the gRPC twin of the REST API, over the same Recommender."""
+
+from __future__ import annotations
+
+import grpc
+
+from gateway.core import Recommender, RecommendRequest
+from gateway.store import Event
+from protos.recsys.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from recsys_common.grpc_server import map_errors
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, recommender: Recommender) -> None:
+        self.recommender = recommender
+
+    @map_errors
+    def Recommend(
+        self, request: gateway_pb2.RecommendRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.RecommendResponse:
+        rec = self.recommender.recommend(
+            RecommendRequest(
+                user_id=request.user_id,
+                k=request.k or 10,
+                exclude_seen=request.exclude_seen if request.HasField("exclude_seen") else True,
+                exclude_item_ids=tuple(request.exclude_item_ids),
+                timeout_ms=request.timeout_ms or None,
+                debug=request.debug,
+            ),
+            grpc_remaining_s=context.time_remaining(),
+        )
+        return gateway_pb2.RecommendResponse(
+            items=[common_pb2.ScoredItem(item_id=i.item_id, score=i.score, sources=i.sources) for i in rec.items],
+            bundle_version=rec.bundle_version,
+            partial=rec.partial,
+            missing=[gateway_pb2.StageIssue(stage=s, reason=r) for s, r in rec.missing],
+            degraded=rec.degraded,
+            timings_ms=rec.timings_ms,
+        )
+
+    @map_errors
+    def Track(self, request: gateway_pb2.TrackRequest, context: grpc.ServicerContext) -> gateway_pb2.TrackResponse:
+        events = [Event(e.user_id, e.item_id, e.timestamp, e.event_id, e.type) for e in request.events]
+        return gateway_pb2.TrackResponse(accepted=self.recommender.track(events))

@@ -1,0 +1,3 @@
+from ranking_svc.server import main
+
+main()

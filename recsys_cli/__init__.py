@@ -1,0 +1,1 @@
+"""The `recsys` console script: the top floor, the only module that knows every package."""

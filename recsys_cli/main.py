@@ -1,0 +1,91 @@
+"""`recsys`: export bundles, serve the stack, run the demo, make data.
+
+Each subcommand imports what it needs inside its handler, so `recsys serve` never loads the
+exporter (and with it torch) into a serving process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _export(args: argparse.Namespace) -> int:
+    from exporter.pipeline import run_export
+
+    from exporter.config import ExportConfig
+
+    config = ExportConfig.from_json(args.config) if args.config else ExportConfig()
+    version = run_export(config, args.data, args.out, progress=not args.quiet)
+    print(f"published bundle {version} in {args.out}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from recsys_cli.stack import Stack
+
+    with Stack(args.bundles, args.state, host=args.host, http_port=args.port, grpc_port=args.grpc_port) as stack:
+        print(stack.banner(), flush=True)
+        return stack.wait()
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from recsys_cli.demo import run_demo
+
+    return run_demo(args.workdir, args.data, host=args.host, port=args.port, keep_serving=not args.exit)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from exporter.synth import generate
+
+    info = generate(args.out, n_users=args.users, n_items=args.items, seed=args.seed)
+    print(f"wrote synthetic data to {args.out}: {info}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recsys", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="train, evaluate and publish a bundle from interaction data")
+    p.add_argument("--data", type=Path, required=True, help="MovieLens 100K folder or generic-layout folder")
+    p.add_argument("--out", type=Path, required=True, help="bundles directory (a new version is published here)")
+    p.add_argument("--config", type=Path, help="ExportConfig as JSON (unknown keys are an error)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("serve", help="run retrieval, ranking and the gateway as child processes")
+    p.add_argument("--bundles", type=Path, required=True)
+    p.add_argument("--state", type=Path, default=Path("var/state"), help="user-state directory (embedded store)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="REST port (0 = any free port)")
+    p.add_argument("--grpc-port", type=int, default=50050, help="gateway gRPC port (0 = any free port)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("demo", help="the main job: make data if none given, export, serve, show an answer")
+    p.add_argument("--workdir", type=Path, default=Path("var/demo"))
+    p.add_argument("--data", type=Path, help="data folder (default: synthetic data made in WORKDIR/data)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--exit", action="store_true", help="stop after showing the sample answer")
+    p.set_defaults(func=_demo)
+
+    data = sub.add_parser("data", help="data sets").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("synth", help="write a synthetic data set with planted structure (generic layout)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--users", type=int, default=1000)
+    p.add_argument("--items", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_synth)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    sys.exit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()

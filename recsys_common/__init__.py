@@ -1,0 +1,1 @@
+"""Small, torch-free code shared by the services and the exporter: bundle, errors, gRPC lifecycle."""

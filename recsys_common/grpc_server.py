@@ -1,0 +1,122 @@
+"""The lifecycle every gRPC service shares: health, error mapping, bound port, graceful stop."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent import futures
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from recsys_common.errors import RecsysError
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def map_errors(method: F) -> F:
+    """Servicer-method decorator: RecsysError -> its gRPC status; anything else -> INTERNAL, logged."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except RecsysError as err:
+            context.abort(err.grpc_code, str(err))
+        except Exception:
+            log.exception("unexpected error in %s", method.__qualname__)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def create_server(
+    register: Iterable[Callable[[grpc.Server], None]],
+    address: str,
+    max_workers: int = 8,
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """Build a server with the app servicers and grpc.health.v1, bound to address (port 0 = any)."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        options=[("grpc.max_receive_message_length", 32 << 20), ("grpc.so_reuseport", 0)],
+    )
+    for add in register:
+        add(server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind gRPC server to {address}")
+    return server, port, health_servicer
+
+
+def set_serving(health_servicer: health.HealthServicer, service_names: Iterable[str], serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", *service_names):
+        health_servicer.set(name, status)
+
+
+def announce(name: str, port: int, port_file: Path | None) -> None:
+    """Tell the parent process the bound port: one parseable line, and optionally a file (written atomically)."""
+    if port_file is not None:
+        tmp = port_file.with_name(port_file.name + ".tmp")
+        tmp.write_text(str(port))
+        os.replace(tmp, port_file)
+    print(f"LISTENING {name} port={port}", flush=True)
+
+
+def serve_until_signal(
+    name: str,
+    server: grpc.Server,
+    port: int,
+    health_servicer: health.HealthServicer,
+    service_names: Iterable[str],
+    port_file: Path | None = None,
+    grace_s: float = 5.0,
+) -> None:
+    """Start, report SERVING, announce the port; on SIGTERM/SIGINT report NOT_SERVING at once, then stop."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    set_serving(health_servicer, service_names, True)
+    announce(name, port, port_file)
+    stop.wait()
+    health_servicer.enter_graceful_shutdown()
+    server.stop(grace_s).wait()
+
+
+def service_main(
+    name: str,
+    argv: Sequence[str] | None,
+    config: Any,
+    build: Callable[[Any], tuple[grpc.Server, int, health.HealthServicer]],
+    service_names: Iterable[str],
+) -> None:
+    """The `python -m <service>` entry point every gRPC service shares.
+
+    config is the service's frozen config (already read from the environment); the flags
+    --bundles/--host/--port override its bundles_dir/host/port fields.
+    """
+    env = type(config).__name__.removesuffix("Config").upper()
+    parser = argparse.ArgumentParser(prog=f"python -m {name}_svc")
+    parser.add_argument("--bundles", type=Path, help=f"bundles directory (RECSYS_{env}_BUNDLES_DIR)")
+    parser.add_argument("--host", help=f"bind address (RECSYS_{env}_HOST)")
+    parser.add_argument("--port", type=int, help=f"port, 0 = any free one (RECSYS_{env}_PORT)")
+    parser.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    overrides = {"bundles_dir": args.bundles, "host": args.host, "port": args.port}
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    server, port, health_servicer = build(config)
+    serve_until_signal(name, server, port, health_servicer, service_names, args.port_file)

@@ -1,0 +1,3 @@
+from retrieval_svc.server import main
+
+main()
