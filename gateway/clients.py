@@ -26,10 +26,14 @@ def _healthy(channel: grpc.Channel, timeout_s: float) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+# Message limits on the client side too: requests are small, answers at most max_k items (retrieval_svc.config).
+RETRIEVAL_CHANNEL_OPTIONS = [("grpc.max_send_message_length", 4 << 20), ("grpc.max_receive_message_length", 16 << 20)]
+
+
 class RetrievalClient:
     def __init__(self, address: str) -> None:
         self.address = address
-        self.channel = grpc.insecure_channel(address)
+        self.channel = grpc.insecure_channel(address, options=RETRIEVAL_CHANNEL_OPTIONS)
         self.stub = retrieval_pb2_grpc.RetrievalStub(self.channel)
 
     def search_future(
@@ -54,6 +58,59 @@ class RetrievalClient:
 
     def close(self) -> None:
         self.channel.close()
+
+
+class ShardMismatch(RuntimeError):
+    """Retrieval shards answered from different bundle versions (only possible mid-swap, without a pinned version)."""
+
+
+class ShardedRetrievalClient:
+    """The retrieval service split over n shards (`python -m retrieval_svc --shard i/n`), seen as one.
+
+    Same interface as RetrievalClient. Every shard is asked for the top k of its own items in parallel;
+    the merge keeps the k best by score, so over exact shards the answer equals the unsharded top-k
+    (ids and scores). A failed or late shard fails the whole search (the gateway then reports the ANN
+    source as missing) rather than silently returning a top-k of part of the catalogue.
+    """
+
+    def __init__(self, addresses: Sequence[str]) -> None:
+        if not addresses:
+            raise ValueError("ShardedRetrievalClient needs at least one address")
+        self.shards = [RetrievalClient(a) for a in addresses]
+        self.address = ",".join(addresses)
+
+    def search_future(
+        self, recent_item_ids: Sequence[str], k: int, exclude: Sequence[str], bundle_version: str, timeout_s: float
+    ) -> tuple[int, list[grpc.Future]]:
+        return k, [s.search_future(recent_item_ids, k, exclude, bundle_version, timeout_s) for s in self.shards]
+
+    @staticmethod
+    def result(future: tuple[int, list[grpc.Future]]) -> Scored:
+        k, futures = future
+        parts = [RetrievalClient.result(f) for f in futures]
+        versions = {p.bundle_version for p in parts}
+        if len(versions) > 1:
+            raise ShardMismatch(f"retrieval shards answered from different bundle versions: {sorted(versions)}")
+        # Ties broken by item id, as each retrieval server does, so the merge equals the unsharded answer.
+        merged = sorted(
+            ((score, item_id) for p in parts for item_id, score in zip(p.item_ids, p.scores, strict=True)),
+            key=lambda pair: (-pair[0], pair[1]),
+        )[:k]
+        return Scored([i for _, i in merged], [s for s, _ in merged], parts[0].bundle_version)
+
+    def healthy(self, timeout_s: float) -> bool:
+        return all(s.healthy(timeout_s) for s in self.shards)
+
+    def close(self) -> None:
+        for s in self.shards:
+            s.close()
+
+
+def retrieval_client(addresses: str | Sequence[str]) -> RetrievalClient | ShardedRetrievalClient:
+    """One client for "host:port", a sharded one for "host:port,host:port,..." (shard i at position i)."""
+    if isinstance(addresses, str):
+        addresses = [a.strip() for a in addresses.split(",") if a.strip()]
+    return RetrievalClient(addresses[0]) if len(addresses) == 1 else ShardedRetrievalClient(addresses)
 
 
 class RankingClient:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from recsys_common.config import ConfigError, check_positive, from_env
@@ -13,41 +13,82 @@ from recsys_common.config import ConfigError, check_positive, from_env
 @dataclass(frozen=True)
 class GatewayConfig:
     bundles_dir: Path = Path("var/bundles")
-    # A directory (embedded SQLite store at DIR/events.db) or a store URL (sqlite:///PATH).
+    # A directory (embedded SQLite store at DIR/events.db) or a store URL (sqlite:///PATH, redis://host:port/db).
     state: str = "var/state"
+    # "dev": no keys needed (a pseudonymization key is made once in the state dir);
+    # "production": refuses to start without user_key (or user_key_file).
+    mode: str = "dev"
+    # HMAC key that pseudonymizes user and event ids at rest (>= 32 characters); never logged.
+    user_key: str | None = field(default=None, repr=False)
+    user_key_file: Path | None = None
+    # User state: newest N events kept per user, event-id dedupe window, optional TTL for inactive users.
+    max_events_per_user: int = 200
+    dedupe_window_s: int = 7 * 86400
+    user_ttl_s: int | None = None
+    trending_half_life_s: int = 3600
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 50050
+    # One address, or the shards' addresses separated by commas (shard i of n at position i).
     retrieval_addr: str = "127.0.0.1:50051"
     ranking_addr: str = "127.0.0.1:50052"
     default_timeout_ms: int = 200
-    max_timeout_ms: int = 60_000
-    # Share of the request budget the retrieval call may use; ranking gets what is left.
-    retrieval_budget_share: float = 0.6
-    # Candidates asked of each source (raised to k when k is larger).
+    # Stage budgets: the store read may use this share of the request's budget; the sources this
+    # share of what is left; ranking the rest minus reserve_ms kept for assembling the answer.
+    store_budget_share: float = 0.25
+    sources_budget_share: float = 0.5
+    reserve_ms: float = 2.0
+    # Candidates asked of each source (its quota in the merge; ANN and popular are raised to k).
     ann_candidates: int = 200
     covisit_candidates: int = 100
+    trending_candidates: int = 50
+    coldstart_candidates: int = 50
     popular_candidates: int = 50
+    # Merge order, which is also the fallback order when ranking is unavailable.
+    source_priority: tuple[str, ...] = ("ann", "covisit", "trending", "coldstart", "popular")
+    # Requests in flight beyond this are refused at once (503 / RESOURCE_EXHAUSTED), not queued.
+    max_inflight: int = 32
+    fanout_threads: int = 64
     # Events read per request: all of them are excluded as seen; the newest history_len feed the models.
     max_history: int = 1000
     health_timeout_ms: int = 500
+    # How often CURRENT is checked for a newly published bundle (0 = never: serve the first one).
+    # Slower than the services' 1 s, so the gateway usually moves last: retrieval and ranking keep
+    # answering for the previous version, which the gateway pins until it swaps itself.
+    poll_interval_s: float = 2.0
 
     def __post_init__(self) -> None:
         for name in (
             "default_timeout_ms",
-            "max_timeout_ms",
             "ann_candidates",
             "covisit_candidates",
+            "trending_candidates",
+            "coldstart_candidates",
             "popular_candidates",
+            "max_events_per_user",
+            "dedupe_window_s",
+            "trending_half_life_s",
+            "max_inflight",
+            "fanout_threads",
             "max_history",
             "health_timeout_ms",
         ):
             check_positive(f"RECSYS_GATEWAY_{name.upper()}", getattr(self, name))
-        if not 0 < self.retrieval_budget_share < 1:
-            raise ConfigError(
-                f"Config 'RECSYS_GATEWAY_RETRIEVAL_BUDGET_SHARE' has value {self.retrieval_budget_share!r}. "
-                "Must be between 0 and 1."
-            )
+        for name in ("store_budget_share", "sources_budget_share"):
+            value = getattr(self, name)
+            if not 0 < value < 1:
+                raise ConfigError(
+                    f"Config 'RECSYS_GATEWAY_{name.upper()}' has value {value!r}. Must be between 0 and 1."
+                )
+
+    def quota(self, source: str) -> int:
+        """Candidates a source may contribute to the merge."""
+        return int(getattr(self, f"{source}_candidates", self.ann_candidates))
+
+    @property
+    def retrieval_addrs(self) -> list[str]:
+        """The retrieval shards' addresses (one when the index is not sharded)."""
+        return [a.strip() for a in self.retrieval_addr.split(",") if a.strip()]
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> GatewayConfig:

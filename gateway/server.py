@@ -11,26 +11,45 @@ from pathlib import Path
 
 import uvicorn
 
-from gateway.clients import RankingClient, RetrievalClient
+from gateway.clients import RankingClient, retrieval_client
 from gateway.config import GatewayConfig
-from gateway.core import Recommender
+from gateway.core import BundleView, Recommender
+from gateway.privacy import Pseudonymizer, key_dir, load_user_key, read_key_file
 from gateway.rest import create_app
 from gateway.servicer import GatewayServicer
 from gateway.store import open_store
 from protos.recsys.v1 import gateway_pb2, gateway_pb2_grpc
-from recsys_common.bundle import open_bundle
 from recsys_common.grpc_server import announce, create_server, set_serving
+from recsys_common.snapshot import SnapshotHolder
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 log = logging.getLogger("gateway")
 
 
 def build_recommender(config: GatewayConfig) -> Recommender:
+    if config.user_key_file is not None:
+        key = read_key_file(config.user_key_file)
+    else:
+        key = load_user_key(config.user_key, key_dir(config.state), config.mode)
+    store = open_store(
+        config.state,
+        max_events_per_user=config.max_events_per_user,
+        dedupe_window_s=config.dedupe_window_s,
+        user_ttl_s=config.user_ttl_s,
+        trending_half_life_s=config.trending_half_life_s,
+    )
+    bundles = SnapshotHolder(
+        config.bundles_dir, lambda bundle: BundleView.load(bundle, config), config.poll_interval_s, name="gateway"
+    )
+    bundles.load_current(raise_errors=True)
+    if config.poll_interval_s > 0:
+        bundles.start()
     return Recommender(
         config,
-        open_bundle(config.bundles_dir),
-        open_store(config.state),
-        RetrievalClient(config.retrieval_addr),
+        bundles,
+        store,
+        Pseudonymizer(key),
+        retrieval_client(config.retrieval_addrs),
         RankingClient(config.ranking_addr),
     )
 
@@ -51,7 +70,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", help="bind address (RECSYS_GATEWAY_HOST)")
     parser.add_argument("--port", type=int, help="REST port, 0 = any (RECSYS_GATEWAY_HTTP_PORT)")
     parser.add_argument("--grpc-port", type=int, help="gRPC port, 0 = any (RECSYS_GATEWAY_GRPC_PORT)")
-    parser.add_argument("--retrieval", help="retrieval service address (RECSYS_GATEWAY_RETRIEVAL_ADDR)")
+    parser.add_argument(
+        "--retrieval", help="retrieval address, or shard addresses separated by commas (RECSYS_GATEWAY_RETRIEVAL_ADDR)"
+    )
     parser.add_argument("--ranking", help="ranking service address (RECSYS_GATEWAY_RANKING_ADDR)")
     parser.add_argument("--port-file", type=Path, help="write the bound REST port here once serving")
     parser.add_argument("--grpc-port-file", type=Path, help="write the bound gRPC port here once serving")
@@ -86,4 +107,4 @@ def main(argv: Sequence[str] | None = None) -> None:
     finally:
         health.enter_graceful_shutdown()
         grpc_server.stop(5).wait()
-        recommender.store.close()
+        recommender.close()

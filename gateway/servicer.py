@@ -18,6 +18,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def Recommend(
         self, request: gateway_pb2.RecommendRequest, context: grpc.ServicerContext
     ) -> gateway_pb2.RecommendResponse:
+        with self.recommender.admission.slot():
+            return self._recommend(request, context)
+
+    def _recommend(
+        self, request: gateway_pb2.RecommendRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.RecommendResponse:
         rec = self.recommender.recommend(
             RecommendRequest(
                 user_id=request.user_id,
@@ -26,11 +32,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 exclude_item_ids=tuple(request.exclude_item_ids),
                 timeout_ms=request.timeout_ms or None,
                 debug=request.debug,
+                max_per_genre=request.max_per_genre or None,
             ),
             grpc_remaining_s=context.time_remaining(),
         )
         return gateway_pb2.RecommendResponse(
-            items=[common_pb2.ScoredItem(item_id=i.item_id, score=i.score, sources=i.sources) for i in rec.items],
+            items=[
+                common_pb2.ScoredItem(item_id=i.item_id, score=i.score, sources=i.sources, stage_scores=i.stage_scores)
+                for i in rec.items
+            ],
             bundle_version=rec.bundle_version,
             partial=rec.partial,
             missing=[gateway_pb2.StageIssue(stage=s, reason=r) for s, r in rec.missing],
@@ -42,3 +52,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def Track(self, request: gateway_pb2.TrackRequest, context: grpc.ServicerContext) -> gateway_pb2.TrackResponse:
         events = [Event(e.user_id, e.item_id, e.timestamp, e.event_id, e.type) for e in request.events]
         return gateway_pb2.TrackResponse(accepted=self.recommender.track(events))
+
+    @map_errors
+    def ForgetUser(
+        self, request: gateway_pb2.ForgetUserRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.ForgetUserResponse:
+        return gateway_pb2.ForgetUserResponse(erased=self.recommender.forget(request.user_id))

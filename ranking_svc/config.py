@@ -19,6 +19,11 @@ class RankingConfig:
     # ORT on one thread: on shared cores two threads were slower and spikier (PERF-NOTES).
     intra_op_threads: int = 1
     max_candidates: int = 5000
+    # How often CURRENT is checked for a newly published bundle (0 = never: serve the first one).
+    poll_interval_s: float = 1.0
+    # Fault drills: added latency on every Rank call (0 = off). Lets a test or a game day show how
+    # the gateway answers when ranking is late, against the real process.
+    fault_delay_ms: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_workers", "intra_op_threads", "max_candidates"):

@@ -60,10 +60,6 @@ class Ranker:
         ids = self.catalog.item_ids[:200]
         self.rank(ids[:1], [Candidate(i, ("ann",)) for i in ids])
 
-    def check_version(self, wanted: str) -> None:
-        if wanted and wanted != self.version:
-            raise BundleMismatch(f"bundle_version {wanted!r} was asked for, this server has {self.version!r}")
-
     def rank(self, recent_item_ids: Sequence[str], candidates: Sequence[Candidate]) -> npt.NDArray[np.float32]:
         """Scores aligned with candidates; candidates the bundle does not know score -inf."""
         if not 1 <= len(candidates) <= self.max_candidates:

@@ -11,16 +11,23 @@ from protos.recsys.v1 import ranking_pb2, ranking_pb2_grpc
 from ranking_svc.config import RankingConfig
 from ranking_svc.core import Ranker
 from ranking_svc.servicer import RankingServicer
-from recsys_common.bundle import open_bundle
 from recsys_common.grpc_server import create_server, service_main
+from recsys_common.snapshot import SnapshotHolder
 
 SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["Ranking"].full_name
 
 
 def build(config: RankingConfig) -> tuple[grpc.Server, int, health.HealthServicer]:
-    bundle = open_bundle(config.bundles_dir)
-    ranker = Ranker(bundle, threads=config.intra_op_threads, max_candidates=config.max_candidates)
-    servicer = RankingServicer(ranker)
+    holder = SnapshotHolder(
+        config.bundles_dir,
+        lambda bundle: Ranker(bundle, threads=config.intra_op_threads, max_candidates=config.max_candidates),
+        poll_interval_s=config.poll_interval_s,
+        name="ranking",
+    )
+    holder.load_current(raise_errors=True)  # loaded and warmed before the server reports SERVING
+    if config.poll_interval_s > 0:
+        holder.start()
+    servicer = RankingServicer(holder, fault_delay_ms=config.fault_delay_ms)
     return create_server(
         [lambda s: ranking_pb2_grpc.add_RankingServicer_to_server(servicer, s)],
         f"{config.host}:{config.port}",

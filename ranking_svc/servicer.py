@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 
 from protos.recsys.v1 import ranking_pb2, ranking_pb2_grpc
 from ranking_svc.core import Candidate, Ranker
 from recsys_common.grpc_server import map_errors
+from recsys_common.snapshot import SnapshotHolder
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServicer):
-    def __init__(self, ranker: Ranker) -> None:
-        self.ranker = ranker
+    def __init__(self, holder: SnapshotHolder[Ranker], fault_delay_ms: int = 0) -> None:
+        self.holder = holder
+        self.fault_delay_s = fault_delay_ms / 1000
 
     @map_errors
     def Rank(self, request: ranking_pb2.RankRequest, context: grpc.ServicerContext) -> ranking_pb2.RankResponse:
-        ranker = self.ranker  # one snapshot for the whole request
-        ranker.check_version(request.bundle_version)
+        if self.fault_delay_s:
+            time.sleep(self.fault_delay_s)
+        ranker = self.holder.get(request.bundle_version)  # one snapshot for the whole request
         candidates = [Candidate(c.item_id, tuple(c.sources)) for c in request.candidates]
         scores = ranker.rank(tuple(request.context.recent_item_ids), candidates)
         return ranking_pb2.RankResponse(scores=scores.tolist(), bundle_version=ranker.version)

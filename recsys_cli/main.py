@@ -7,15 +7,15 @@ exporter (and with it torch) into a serving process.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 
 def _export(args: argparse.Namespace) -> int:
-    from exporter.pipeline import run_export
-
     from exporter.config import ExportConfig
+    from exporter.pipeline import run_export
 
     config = ExportConfig.from_json(args.config) if args.config else ExportConfig()
     version = run_export(config, args.data, args.out, progress=not args.quiet)
@@ -26,7 +26,9 @@ def _export(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from recsys_cli.stack import Stack
 
-    with Stack(args.bundles, args.state, host=args.host, http_port=args.port, grpc_port=args.grpc_port) as stack:
+    with Stack(
+        args.bundles, args.state, host=args.host, http_port=args.port, grpc_port=args.grpc_port, shards=args.shards
+    ) as stack:
         print(stack.banner(), flush=True)
         return stack.wait()
 
@@ -45,6 +47,23 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_events(args: argparse.Namespace) -> int:
+    from exporter.data import DataError
+    from recsys_cli.import_events import run_import
+    from recsys_common.config import ConfigError
+    from recsys_common.errors import StoreError
+
+    state = args.redis or str(args.state)
+    try:
+        report = run_import(args.data, state, user_key_file=args.user_key_file, mode=args.mode,
+                            max_events_per_user=args.max_events_per_user, progress=not args.quiet)  # fmt: skip
+    except (ConfigError, DataError, StoreError) as exc:
+        print(f"recsys import-events: {exc}", file=sys.stderr)
+        return 2
+    print(f"{report.line()} into {state.split('@')[-1]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,10 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run retrieval, ranking and the gateway as child processes")
     p.add_argument("--bundles", type=Path, required=True)
-    p.add_argument("--state", type=Path, default=Path("var/state"), help="user-state directory (embedded store)")
+    p.add_argument(
+        "--state", default="var/state", help="user-state directory (embedded store) or redis://host:port/db"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="REST port (0 = any free port)")
     p.add_argument("--grpc-port", type=int, default=50050, help="gateway gRPC port (0 = any free port)")
+    p.add_argument("--shards", type=int, default=1, help="run retrieval as N index shards (`--shard i/N` each)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("demo", help="the main job: make data if none given, export, serve, show an answer")
@@ -79,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--items", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_synth)
+    p = sub.add_parser("import-events", help="load historical interactions into the user-state store")
+    p.add_argument("--data", type=Path, required=True, help="MovieLens 100K folder or generic-layout folder")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--state", type=Path, default=Path("var/state"), help="user-state directory (embedded store)")
+    where.add_argument("--redis", help="Redis store URL, redis://host:port/db")
+    p.add_argument("--user-key-file", type=Path, help="pseudonymization key file (default: $RECSYS_GATEWAY_USER_KEY)")
+    p.add_argument("--mode", choices=("dev", "production"), default=os.environ.get("RECSYS_GATEWAY_MODE", "dev"),
+                   help="production: a missing key is an error; dev: one is made in the state dir")  # fmt: skip
+    p.add_argument("--max-events-per-user", type=int, default=200, help="newest N events kept per user")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_import_events)
     return parser
 
 

@@ -36,6 +36,7 @@ class Stack:
         grpc_port: int = 50050,
         ready_timeout_s: float = 120.0,
         env: dict[str, str] | None = None,
+        shards: int = 1,
     ) -> None:
         self.bundles_dir = Path(bundles_dir).resolve()
         self.state = str(state)
@@ -43,6 +44,10 @@ class Stack:
         self.http_port = http_port
         self.grpc_port = grpc_port
         self.ready_timeout_s = ready_timeout_s
+        if shards < 1:
+            raise ValueError(f"shards must be >= 1, got {shards}")
+        # With shards > 1, retrieval runs as n processes "retrieval-0".."retrieval-{n-1}" (`--shard i/n`).
+        self.shards = shards
         self.env = {**os.environ, **(env or {})}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="recsys-stack-")
@@ -80,9 +85,10 @@ class Stack:
     def start(self) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
         common = ["--bundles", str(self.bundles_dir), "--host", self.host]
-        self._spawn("retrieval", "retrieval_svc", *common, "--port", "0")
+        for name, shard in self._retrieval_names():
+            self._spawn(name, "retrieval_svc", *common, "--port", "0", *(["--shard", shard] if shard else []))
         self._spawn("ranking", "ranking_svc", *common, "--port", "0")
-        retrieval = self._wait_port("retrieval", deadline)
+        retrieval = ",".join(f"{self.host}:{self._wait_port(name, deadline)}" for name, _ in self._retrieval_names())
         ranking = self._wait_port("ranking", deadline)
         grpc_port_file = Path(self._tmp.name) / "gateway-grpc.port"
         self._spawn(
@@ -96,7 +102,7 @@ class Stack:
             "--grpc-port",
             str(self.grpc_port),
             "--retrieval",
-            f"{self.host}:{retrieval}",
+            retrieval,
             "--ranking",
             f"{self.host}:{ranking}",
             "--grpc-port-file",
@@ -122,7 +128,7 @@ class Stack:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM the gateway first (it drains), then the services; SIGKILL whatever lingers."""
-        for name in ("gateway", "ranking", "retrieval"):
+        for name in ("gateway", "ranking", *(name for name, _ in self._retrieval_names())):
             proc = self.procs.get(name)
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -134,6 +140,12 @@ class Stack:
                 proc.kill()
                 proc.wait()
         self._tmp.cleanup()
+
+    def _retrieval_names(self) -> list[tuple[str, str]]:
+        """(process name, --shard value) of each retrieval process."""
+        if self.shards == 1:
+            return [("retrieval", "")]
+        return [(f"retrieval-{i}", f"{i}/{self.shards}") for i in range(self.shards)]
 
     def wait(self) -> int:
         """Block until SIGINT/SIGTERM (returns 0) or until a child exits on its own (returns 1)."""
@@ -159,6 +171,9 @@ class Stack:
     def banner(self) -> str:
         return (
             f"recsys is serving: REST {self.http_url} (OpenAPI at {self.http_url}/docs), "
-            f"gRPC {self.grpc_addr}; retrieval :{self.ports['retrieval']}, ranking :{self.ports['ranking']}. "
+            f"gRPC {self.grpc_addr}; retrieval {self._retrieval_ports()}, ranking :{self.ports['ranking']}. "
             "Ctrl-C stops it."
         )
+
+    def _retrieval_ports(self) -> str:
+        return " ".join(f":{self.ports[name]}" for name, _ in self._retrieval_names())

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from recsys_common.errors import BundleMismatch, BundleUnavailable
 
 FORMAT_VERSION = 1
@@ -143,10 +145,102 @@ class Bundle:
         return self.path / name
 
 
+def _check_name(version: str, name: object) -> str:
+    """A manifest file name must be a plain file name inside the bundle directory."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+        raise BundleMismatch(f"bundle {version}: file {name!r} is a path that leaves the bundle directory")
+    if name == MANIFEST:
+        raise BundleMismatch(f"bundle {version}: file {name} must not list itself")
+    return name
+
+
+def _check_layout(version: str, path: Path, files: dict[str, Any]) -> None:
+    """Every listed file is a regular file inside the directory, nothing else is there."""
+    root = path.resolve()
+    for name, meta in files.items():
+        _check_name(version, name)
+        file = path / name
+        if file.is_symlink() and not file.resolve().is_relative_to(root):
+            raise BundleMismatch(
+                f"bundle {version}: file {name} is a link to {file.resolve()}, a path that leaves the bundle directory"
+            )
+        if not file.is_file():
+            raise BundleMismatch(f"bundle {version}: file {name} is listed in the manifest but missing")
+        if not (isinstance(meta, dict) and isinstance(meta.get("bytes"), int) and isinstance(meta.get("sha256"), str)):
+            raise BundleMismatch(f"bundle {version}: file {name} has no bytes/sha256 in the manifest")
+        size = file.stat().st_size
+        if size != meta["bytes"]:
+            raise BundleMismatch(f"bundle {version}: file {name} has {size} bytes, the manifest says {meta['bytes']}")
+    extra = sorted(p.name for p in path.iterdir() if p.name != MANIFEST and p.name not in files)
+    if extra:
+        raise BundleMismatch(f"bundle {version}: file {extra[0]} is not listed in the manifest (extra files: {extra})")
+
+
+def _npy_shape(file: Path) -> tuple[int, ...]:
+    """The shape in a .npy header, read without loading the array."""
+    with file.open("rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        if major == 1:
+            shape, _, _ = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, _, _ = np.lib.format.read_array_header_2_0(f)
+    return tuple(int(s) for s in shape)
+
+
+def _faiss_header(file: Path) -> tuple[int, int]:
+    """(d, ntotal) from a FAISS index file: every index type starts fourcc, int32 d, int64 ntotal."""
+    with file.open("rb") as f:
+        head = f.read(16)
+    if len(head) < 16:
+        raise ValueError("shorter than a FAISS index header")
+    return int(np.frombuffer(head, "<i4", 1, 4)[0]), int(np.frombuffer(head, "<i8", 1, 8)[0])
+
+
+def _check_dimensions(version: str, path: Path, manifest: dict[str, Any]) -> None:
+    """The arrays and the index agree with the manifest's embedding dimension and item count (headers only)."""
+    files = manifest.get("files", {})
+    dim = manifest.get("embedding", {}).get("dim")
+    if dim is None:
+        return
+    if not isinstance(dim, int) or dim <= 0:
+        raise BundleMismatch(f"bundle {version}: {MANIFEST} embedding.dim is {dim!r}, not a positive integer")
+    if "item_emb.npy" in files:
+        try:
+            shape = _npy_shape(path / "item_emb.npy")
+        except ValueError as exc:
+            raise BundleMismatch(f"bundle {version}: file item_emb.npy is not a .npy array ({exc})") from None
+        if len(shape) != 2 or shape[1] != dim:
+            raise BundleMismatch(
+                f"bundle {version}: file item_emb.npy has shape {shape}, the manifest says dimension {dim}"
+            )
+    if "items.faiss" in files:
+        try:
+            d, ntotal = _faiss_header(path / "items.faiss")
+        except ValueError as exc:
+            raise BundleMismatch(f"bundle {version}: file items.faiss is not a FAISS index ({exc})") from None
+        if d != dim:
+            raise BundleMismatch(f"bundle {version}: file items.faiss has dimension {d}, the manifest says {dim}")
+        want = manifest.get("index", {}).get("ntotal")
+        if want is not None and ntotal != want:
+            raise BundleMismatch(
+                f"bundle {version}: file items.faiss holds {ntotal} vectors, the manifest index.ntotal says {want}"
+            )
+    tower = manifest.get("models", {}).get("user_tower", {})
+    for out in tower.get("outputs", []) or []:
+        shape = out.get("shape") if isinstance(out, dict) else None
+        if shape and isinstance(shape[-1], int) and shape[-1] != dim:
+            raise BundleMismatch(
+                f"bundle {version}: file {tower.get('file', 'user_tower.onnx')} outputs {out.get('name')} of "
+                f"dimension {shape[-1]}, the manifest says {dim}"
+            )
+
+
 def open_bundle(bundles_dir: Path, version: str | None = None) -> Bundle:
     """Resolve (CURRENT when version is None) and verify a bundle; raise with the file and the reason."""
     bundles_dir = Path(bundles_dir)
     version = version or current_version(bundles_dir)
+    if not version or "/" in version or "\\" in version or version.startswith("."):
+        raise BundleMismatch(f"bundle {version!r}: not a version name (a path that leaves the bundles directory)")
     path = bundles_dir / version
     manifest_path = path / MANIFEST
     try:
@@ -162,16 +256,17 @@ def open_bundle(bundles_dir: Path, version: str | None = None) -> Bundle:
         )
     if manifest.get("version") != version:
         raise BundleMismatch(f"bundle {version}: {MANIFEST} says version {manifest.get('version')!r}")
-    for name, meta in manifest.get("files", {}).items():
-        file = path / name
-        if not file.is_file():
-            raise BundleMismatch(f"bundle {version}: file {name} is listed in the manifest but missing")
-        size = file.stat().st_size
-        if size != meta["bytes"]:
-            raise BundleMismatch(f"bundle {version}: file {name} has {size} bytes, the manifest says {meta['bytes']}")
-        digest = sha256_file(file)
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise BundleMismatch(f"bundle {version}: {MANIFEST} has no files table")
+    # Cheap structural checks first (names, extra files, sizes), then checksums, then shapes: a bundle is
+    # refused before any of its artifacts is loaded.
+    _check_layout(version, path, files)
+    for name, meta in files.items():
+        digest = sha256_file(path / name)
         if digest != meta["sha256"]:
             raise BundleMismatch(
                 f"bundle {version}: file {name} has sha256 {digest}, the manifest says {meta['sha256']}"
             )
+    _check_dimensions(version, path, manifest)
     return Bundle(version=version, path=path, manifest=manifest)

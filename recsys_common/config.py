@@ -32,6 +32,8 @@ def _parse(var: str, raw: str, kind: Any) -> Any:
             raise ValueError
         if kind in (int, float, str, Path):
             return kind(raw)
+        if typing.get_origin(kind) is tuple:
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
     except ValueError:
         raise ConfigError(f"Config {var!r} has value {raw!r}. Not a valid {kind.__name__}.") from None
     raise ConfigError(f"Config {var!r}: fields of type {kind} cannot be read from the environment")

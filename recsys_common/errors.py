@@ -6,7 +6,7 @@
     ├── BundleUnavailable   UNAVAILABLE          503  nothing loaded yet
     ├── BundleMismatch      FAILED_PRECONDITION  409  version or checksum does not match
     ├── DeadlineExceeded    DEADLINE_EXCEEDED    504  only when nothing useful can be sent
-    ├── Overloaded          RESOURCE_EXHAUSTED   429  queue or batch limits
+    ├── Overloaded          RESOURCE_EXHAUSTED   503  at the in-flight limit: refused at once, retry
     └── StoreError          UNAVAILABLE          503  the user-state store failed
 
 Cores raise these; exactly two edges translate them (grpc_server.map_errors for gRPC, the
@@ -54,7 +54,7 @@ class DeadlineExceeded(RecsysError):
 
 class Overloaded(RecsysError):
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    http_status = 429
+    http_status = 503
 
 
 class StoreError(RecsysError):

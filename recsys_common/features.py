@@ -19,12 +19,17 @@ DEFAULT_COVISIT_DECAY = 0.8
 # Per-candidate dense inputs of ranker.onnx, in column order; item_features columns follow them.
 DENSE_FEATURES = (
     "retrieval_score",  # user_vec . item_emb[c]
-    "retrieval_gap",  # retrieval_score - max over this request's candidates (scale-free across retrievers)
+    "retrieval_gap",  # retrieval_score - max over this request's candidates
+    "retrieval_z",  # (retrieval_score - mean) / std over this request's candidates: scale-free across retrievers
+    "retrieval_rank",  # log1p(rank by retrieval score among this request's candidates), 0 = best
     "covisit_history",  # log1p(recency-weighted co-visitation with the whole history)
     "covisit_last",  # log1p(co-visitation with the most recent item)
+    "sim_last",  # cosine(item_emb[c], item_emb[most recent item]): sequence-aware, from the retriever's item space
+    "sim_recent_max",  # max cosine of item_emb[c] with the last RECENT_SIM_ITEMS history items
     *(f"source:{s}" for s in SOURCES),
 )
 RANKER_INPUTS = ("history", "candidates", "dense")
+RECENT_SIM_ITEMS = 5
 
 I64 = npt.NDArray[np.int64]
 F32 = npt.NDArray[np.float32]
@@ -172,6 +177,11 @@ def ranker_feed(
     uv = np.asarray(user_vec, dtype=np.float32).reshape(-1)
     retrieval = tables.item_emb[cands] @ uv
     gap = retrieval - (retrieval.max() if cands.size else 0.0)
+    # Scale-free views of the retrieval score: the served retriever may be refitted after the ranker was
+    # trained (exporter/fit.py), so the ranker should not depend on the raw score's scale alone.
+    z = (retrieval - retrieval.mean()) / (retrieval.std() + 1e-6) if cands.size else retrieval
+    rank = np.empty(cands.size, dtype=np.float32)
+    rank[np.argsort(-retrieval, kind="stable")] = np.log1p(np.arange(cands.size, dtype=np.float32))
     cv_items, cv_scores = covisit_scores(tables, history)
     cv_hist = np.log1p(_lookup(cv_items, cv_scores, cands))
     recent = _recent(tables, history)
@@ -183,8 +193,16 @@ def ranker_feed(
         cv_last = np.log1p(_lookup(row_items[order], tables.covisit.scores[lo:hi][order], cands))
     else:
         cv_last = np.zeros(cands.size, dtype=np.float32)
+    sims = np.zeros((cands.size, 2), dtype=np.float32)
+    if recent.size and cands.size:
+        last_k = recent[-RECENT_SIM_ITEMS:]
+        unit_c = tables.item_emb[cands] / (np.linalg.norm(tables.item_emb[cands], axis=1, keepdims=True) + 1e-6)
+        unit_h = tables.item_emb[last_k] / (np.linalg.norm(tables.item_emb[last_k], axis=1, keepdims=True) + 1e-6)
+        cos = unit_c @ unit_h.T  # (C, k); column -1 is the most recent item
+        sims[:, 0], sims[:, 1] = cos[:, -1], cos.max(axis=1)
     dense = np.concatenate(
-        [np.stack([retrieval, gap, cv_hist, cv_last], axis=1), mask, tables.item_features[cands]], axis=1
+        [np.stack([retrieval, gap, z, rank, cv_hist, cv_last], axis=1), sims, mask, tables.item_features[cands]],
+        axis=1,
     ).astype(np.float32)
     return {
         "history": pad_history(history, tables.history_len),

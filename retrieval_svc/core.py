@@ -1,19 +1,33 @@
-"""Retriever: turns a user context or a vector into the nearest items, with exclusions inside the search."""
+"""Retriever: turns a user context or a vector into the nearest items, with exclusions inside the search.
+
+A Retriever is one immutable snapshot of one bundle version (catalogue, user tower, index, filters).
+Hot swap replaces the whole object (recsys_common.snapshot); a request holds one reference from start
+to end, so it can never mix two versions, and every result names the version that produced it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
-from recsys_common.features import pad_history
 
 from recsys_common.bundle import Bundle
 from recsys_common.catalog import Catalog
 from recsys_common.errors import BundleMismatch, InvalidRequest
+from recsys_common.features import pad_history
+from retrieval_svc.ann import AnnIndex, FilterPolicy, Hits, ItemFilter, Shard
+
+UNAVAILABLE_FILE = "unavailable.json"
+# Equal float32 scores are ordered by item id (the string), so every server and every shard merge
+# (gateway.clients.ShardedRetrievalClient) breaks ties alike. A few extra hits are asked of the index
+# so that a tie straddling the k-th place is cut the same way too.
+TIE_EXTRA = 8
 
 
 @dataclass(frozen=True)
@@ -21,6 +35,7 @@ class SearchResult:
     item_ids: list[str]
     scores: npt.NDArray[np.float32]
     bundle_version: str
+    method: str = "ann"  # "ann" | "exact" | "fallback" (see retrieval_svc.ann)
 
 
 @dataclass(frozen=True)
@@ -39,35 +54,84 @@ def _ort_session(path: str, threads: int) -> ort.InferenceSession:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    # No busy-waiting worker threads: on shared cores they steal time from FAISS and gRPC (PERF-NOTES).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def read_unavailable(bundle: Bundle) -> list[str]:
+    """The bundle's optional unavailable.json: {"item_ids": [...]} (items that must never be returned)."""
+    if UNAVAILABLE_FILE not in bundle.manifest["files"]:
+        return []
+    raw = json.loads(bundle.file(UNAVAILABLE_FILE).read_text())
+    ids = raw.get("item_ids") if isinstance(raw, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise BundleMismatch(f"bundle {bundle.version}: file {UNAVAILABLE_FILE} must be {{'item_ids': [str, ...]}}")
+    return ids
 
 
 class Retriever:
     """Holds one loaded bundle (an immutable snapshot) and answers searches against it."""
 
-    def __init__(self, bundle: Bundle, threads: int = 1, max_k: int = 10_000) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        threads: int = 1,
+        max_k: int = 10_000,
+        shard: Shard | None = None,
+        filter_policy: FilterPolicy | None = None,
+        max_exclude: int = 100_000,
+        warm: bool = True,
+    ) -> None:
         faiss.omp_set_num_threads(threads)
+        shard = shard or Shard()
         self.version = bundle.version
         self.max_k = max_k
+        self.max_exclude = max_exclude
+        self.shard = shard
         self.catalog = Catalog.load(bundle)
         self.history_len = int(bundle.manifest["history_len"])
         self.dim = int(bundle.manifest["embedding"]["dim"])
-        self.index = faiss.read_index(str(bundle.file("items.faiss")))
-        if self.index.d != self.dim or self.index.ntotal != len(self.catalog):
+        item_emb = np.load(bundle.file("item_emb.npy"), mmap_mode="r")
+        if item_emb.shape != (len(self.catalog) + 1, self.dim) or item_emb.dtype != np.float32:
             raise BundleMismatch(
-                f"bundle {bundle.version}: items.faiss holds {self.index.ntotal} vectors of dim {self.index.d}, "
-                f"the manifest says {len(self.catalog)} items of dim {self.dim}"
+                f"bundle {bundle.version}: file item_emb.npy is {item_emb.dtype} {item_emb.shape}, expected float32 "
+                f"({len(self.catalog) + 1}, {self.dim}) from items.json and the manifest"
             )
+        self.ann = AnnIndex(
+            bundle.file("items.faiss"),
+            bundle.manifest.get("index", {}),
+            item_emb,
+            shard,
+            filter_policy or FilterPolicy(),
+            self.version,
+        )
+        self.bundle_unavailable = tuple(read_unavailable(bundle))
+        self.runtime_unavailable: frozenset[str] = frozenset()
+        self.filter = self._build_filter()
+        self.id_rank = np.zeros(len(self.catalog) + 1, dtype=np.int64)
+        self.id_rank[1:] = np.argsort(np.argsort(np.asarray(self.catalog.item_ids, dtype=object), kind="stable"))
         self.user_tower = _ort_session(str(bundle.file("user_tower.onnx")), threads)
-        self._warm_up()
+        if warm:
+            self._warm_up()
+
+    def _build_filter(self) -> ItemFilter:
+        ids = [*self.bundle_unavailable, *self.runtime_unavailable]
+        return ItemFilter.build(len(self.catalog), self.ann.shard_items, self.catalog.known(ids))
+
+    def with_unavailable(self, item_ids: Iterable[str]) -> Retriever:
+        """A snapshot sharing this one's index and model, with a new runtime set of unavailable items."""
+        other = copy.copy(self)
+        other.runtime_unavailable = frozenset(item_ids)
+        other.filter = other._build_filter()
+        return other
 
     def _warm_up(self) -> None:
+        # First calls allocate ORT and FAISS buffers; do it before the snapshot takes traffic.
         first = self.catalog.item_ids[:1]
-        self.search([Query(k=10, recent_item_ids=first), Query(k=10)])
-
-    def check_version(self, wanted: str) -> None:
-        if wanted and wanted != self.version:
-            raise BundleMismatch(f"bundle_version {wanted!r} was asked for, this server has {self.version!r}")
+        for _ in range(3):
+            self.search([Query(k=10, recent_item_ids=first), Query(k=10)])
+            self.search([Query(k=10, recent_item_ids=first, exclude_item_ids=first)])
 
     def user_vectors(self, histories: Sequence[Sequence[str]]) -> npt.NDArray[np.float32]:
         """(B, D) query vectors from the user tower; an empty history gives the tower's prior."""
@@ -76,7 +140,7 @@ class Retriever:
         return np.ascontiguousarray(vecs, dtype=np.float32)
 
     def search(self, queries: Sequence[Query]) -> list[SearchResult]:
-        """Answer queries in one pass: user-tower queries are embedded as one batch."""
+        """Answer queries in one pass: user-tower queries are embedded as one batch, unfiltered ones searched as one."""
         for i, q in enumerate(queries):
             self._validate(q, f"requests[{i}]" if len(queries) > 1 else "")
         vectors = np.zeros((len(queries), self.dim), dtype=np.float32)
@@ -86,34 +150,49 @@ class Retriever:
         for i, q in enumerate(queries):
             if q.vector is not None:
                 vectors[i] = q.vector
-        return [self._search_one(vectors[i : i + 1], q) for i, q in enumerate(queries)]
+        excluded = [self._excluded(q) for q in queries]
+        hits: list[Hits | None] = [None] * len(queries)
+        plain = [i for i, e in enumerate(excluded) if not e.size]
+        for k in sorted({queries[i].k for i in plain}):
+            group = [i for i in plain if queries[i].k == k]
+            for i, h in zip(group, self.ann.search_many(vectors[group], k + TIE_EXTRA, self.filter), strict=True):
+                hits[i] = h
+        for i, e in enumerate(excluded):
+            if hits[i] is None:
+                hits[i] = self.ann.search(vectors[i : i + 1], queries[i].k + TIE_EXTRA, self.filter, e)
+        return [self._result(h, q.k) for h, q in zip(hits, queries, strict=True) if h is not None]
+
+    def _excluded(self, q: Query) -> npt.NDArray[np.int64]:
+        excluded = self.catalog.known(q.exclude_item_ids)
+        if q.exclude_context:
+            excluded = np.concatenate([excluded, self.catalog.known(q.recent_item_ids)])
+        return np.unique(excluded)
+
+    def _result(self, hits: Hits, k: int) -> SearchResult:
+        order = np.lexsort((self.id_rank[hits.ids], -hits.scores))[:k]
+        ids = self.catalog.item_ids
+        return SearchResult(
+            item_ids=[ids[int(i) - 1] for i in hits.ids[order]],
+            scores=hits.scores[order],
+            bundle_version=self.version,
+            method=hits.method,
+        )
 
     def _validate(self, q: Query, where: str) -> None:
         prefix = f"{where}." if where else ""
         if not 1 <= q.k <= self.max_k:
             raise InvalidRequest(f"{prefix}k", f"must be in 1..{self.max_k}, got {q.k}")
+        if len(q.exclude_item_ids) > self.max_exclude:
+            raise InvalidRequest(
+                f"{prefix}exclude_item_ids", f"must hold at most {self.max_exclude} ids, got {len(q.exclude_item_ids)}"
+            )
+        if len(q.recent_item_ids) > self.max_exclude:
+            raise InvalidRequest(
+                f"{prefix}context.recent_item_ids",
+                f"must hold at most {self.max_exclude} ids, got {len(q.recent_item_ids)}",
+            )
         if q.vector is not None:
             if q.vector.shape != (self.dim,):
                 raise InvalidRequest(f"{prefix}vector", f"must have {self.dim} values, got {q.vector.shape[0]}")
             if not np.all(np.isfinite(q.vector)):
                 raise InvalidRequest(f"{prefix}vector", "must hold finite numbers only")
-
-    def _search_one(self, vector: npt.NDArray[np.float32], q: Query) -> SearchResult:
-        excluded = self.catalog.known(q.exclude_item_ids)
-        if q.exclude_context:
-            excluded = np.concatenate([excluded, self.catalog.known(q.recent_item_ids)])
-        params = None
-        if excluded.size:
-            # Excluded ids are filtered inside the scan, so k eligible items come back whenever k exist.
-            # Both selectors stay referenced here until the search returns (SWIG does not own them).
-            batch = faiss.IDSelectorBatch(np.unique(excluded))
-            selector = faiss.IDSelectorNot(batch)
-            params = faiss.SearchParameters(sel=selector)
-        k = min(q.k, self.index.ntotal)
-        scores, ids = self.index.search(vector, k, params=params)
-        keep = ids[0] > 0
-        return SearchResult(
-            item_ids=[self.catalog.id_of(int(i)) for i in ids[0][keep]],
-            scores=scores[0][keep],
-            bundle_version=self.version,
-        )

@@ -8,13 +8,17 @@ co-visitation term, both written as plain ONNX graphs with onnx.helper.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from exporter import ann_index
 from recsys_common.bundle import BundleWriter
 from recsys_common.features import DENSE_FEATURES, SOURCES
 
@@ -23,17 +27,32 @@ HISTORY_LEN = 5
 OPSET = 18
 
 
-def item_embeddings(n_items: int, seed: int = 0) -> np.ndarray:
-    """(n + 1, DIM) float32; odd items lean to axis 0, even items to axis 1; row 0 is padding."""
+def item_embeddings(n_items: int, seed: int = 0, dim: int = DIM) -> np.ndarray:
+    """(n + 1, dim) float32; odd items lean to axis 0, even items to axis 1; row 0 is padding."""
     rng = np.random.default_rng(seed)
-    emb = rng.normal(0, 0.1, size=(n_items + 1, DIM)).astype(np.float32)
+    emb = rng.normal(0, 0.1, size=(n_items + 1, dim)).astype(np.float32)
     emb[1::2, 0] += 1.0
     emb[2::2, 1] += 1.0
     emb[0] = 0
     return emb
 
 
+def clustered_vectors(n: int, dim: int, n_clusters: int, noise: float = 1.0, seed: int = 0) -> np.ndarray:
+    """(n, dim) float32 unit vectors around n_clusters random centres: not random, still a challenge for ANN.
+
+    Items and users drawn from the same call share the clusters, as trained two-tower embeddings do.
+    """
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_clusters, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = centres[rng.integers(0, n_clusters, size=n)]
+    x += (noise / np.sqrt(dim)) * rng.normal(size=(n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
 def _user_tower(emb: np.ndarray) -> onnx.ModelProto:
+    dim = emb.shape[1]
     nodes = [
         helper.make_node("Gather", ["emb", "history"], ["gathered"], axis=0),  # (B, L, D)
         helper.make_node("ReduceSum", ["gathered", "axis1"], ["summed"], keepdims=0),  # (B, D)
@@ -47,7 +66,7 @@ def _user_tower(emb: np.ndarray) -> onnx.ModelProto:
         nodes,
         "user_tower",
         [helper.make_tensor_value_info("history", TensorProto.INT64, ["batch", HISTORY_LEN])],
-        [helper.make_tensor_value_info("user_vec", TensorProto.FLOAT, ["batch", DIM])],
+        [helper.make_tensor_value_info("user_vec", TensorProto.FLOAT, ["batch", dim])],
         initializer=[
             numpy_helper.from_array(emb, "emb"),
             numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
@@ -83,9 +102,30 @@ def _ranker(n_dense: int) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
-def make_bundle(bundles_dir: Path, n_items: int = 40, seed: int = 0) -> str:
-    """Publish a tiny bundle into bundles_dir and return its version."""
-    emb = item_embeddings(n_items, seed)
+def make_bundle(
+    bundles_dir: Path,
+    n_items: int = 40,
+    seed: int = 0,
+    *,
+    dim: int = DIM,
+    emb: np.ndarray | None = None,
+    index: str = "Flat",
+    index_params: dict[str, Any] | None = None,
+    unavailable: Sequence[str] | None = None,
+    make_current: bool = True,
+    prebuilt: tuple[faiss.Index, dict[str, Any]] | None = None,
+) -> str:
+    """Publish a tiny bundle into bundles_dir and return its version.
+
+    emb: (n + 1, dim) embeddings to use instead of the planted two clusters (row 0 padding).
+    index: "Flat", "HNSW" or "IVF" (built with exporter.ann_index; index_params override the build and
+    search parameters, e.g. {"nlist": 16, "nprobe": 4} or {"M": 16, "efSearch": 32}).
+    unavailable: item ids to write to unavailable.json (items that must never be returned).
+    prebuilt: (index, manifest "index" entry) from exporter.ann_index.choose_and_build, used as is.
+    """
+    if emb is None:
+        emb = item_embeddings(n_items, seed, dim)
+    n_items, dim = emb.shape[0] - 1, emb.shape[1]
     item_ids = [f"i{i:03d}" for i in range(1, n_items + 1)]
     genres = [["Odd"] if i % 2 else ["Even"] for i in range(1, n_items + 1)]
     popularity = np.concatenate([[0.0], np.arange(n_items, 0, -1)]).astype(np.float32)  # item 1 most popular
@@ -105,9 +145,19 @@ def make_bundle(bundles_dir: Path, n_items: int = 40, seed: int = 0) -> str:
         json.dumps({"item_ids": item_ids, "titles": [f"Item {i}" for i in item_ids], "genres": genres})
     )
     np.save(out / "item_emb.npy", emb)
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(DIM))
-    index.add_with_ids(emb[1:], np.arange(1, n_items + 1, dtype=np.int64))
-    faiss.write_index(index, str(out / "items.faiss"))
+    spec = {
+        "Flat": ann_index.flat_spec(),
+        "HNSW": ann_index.IndexSpec("HNSW", "IDMap,HNSW16,Flat", {"M": 16, "efConstruction": 40, "efSearch": 32}),
+        "IVF": ann_index.ivf_spec(n_items).with_params(nprobe=4),
+    }[index].with_params(**(index_params or {}))
+    if index == "HNSW":
+        spec = replace(spec, factory=f"IDMap,HNSW{spec.params['M']},Flat")
+    elif index == "IVF":
+        spec = replace(spec, factory=f"IVF{spec.params['nlist']},{spec.params['encoding']}")
+    built = prebuilt[0] if prebuilt else ann_index.build_index(emb[1:], spec)
+    faiss.write_index(built, str(out / "items.faiss"))
+    if unavailable is not None:
+        (out / "unavailable.json").write_text(json.dumps({"item_ids": list(unavailable)}))
     onnx.save(_user_tower(emb), out / "user_tower.onnx")
     onnx.save(_ranker(n_dense), out / "ranker.onnx")
     np.save(out / "popularity.npy", popularity)
@@ -122,10 +172,17 @@ def make_bundle(bundles_dir: Path, n_items: int = 40, seed: int = 0) -> str:
     return writer.publish(
         {
             "history_len": HISTORY_LEN,
-            "embedding": {"dim": DIM, "metric": "inner_product"},
-            "index": {"type": "Flat", "factory": "IDMap2,Flat", "params": {}, "ntotal": n_items},
+            "embedding": {"dim": dim, "metric": "inner_product"},
+            "index": prebuilt[1]
+            if prebuilt
+            else ann_index.manifest_entry(spec, n_items, recall=1.0 if index == "Flat" else 0.0, n_queries=0),
             "models": {
-                "user_tower": {"file": "user_tower.onnx", "opset": OPSET, "inputs": hist},
+                "user_tower": {
+                    "file": "user_tower.onnx",
+                    "opset": OPSET,
+                    "inputs": hist,
+                    "outputs": [{"name": "user_vec", "dtype": "float32", "shape": ["batch", dim]}],
+                },
                 "ranker": {
                     "file": "ranker.onnx",
                     "opset": OPSET,
@@ -138,5 +195,6 @@ def make_bundle(bundles_dir: Path, n_items: int = 40, seed: int = 0) -> str:
                 },
             },
             "data": {"fingerprint": "test", "n_users": 0, "n_items": n_items, "n_interactions": 0},
-        }
+        },
+        make_current=make_current,
     )

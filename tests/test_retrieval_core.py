@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from recsys_common.bundle import open_bundle
-from recsys_common.errors import BundleMismatch, InvalidRequest
+from recsys_common.errors import InvalidRequest
 from retrieval_svc.core import Query, Retriever
 from tests.bundle_factory import DIM, item_embeddings
 
@@ -75,10 +75,3 @@ def test_invalid_queries_name_the_field(retriever: Retriever, query: Query, fiel
     with pytest.raises(InvalidRequest) as err:
         retriever.search([query])
     assert err.value.field == field
-
-
-def test_version_pinning(retriever: Retriever) -> None:
-    retriever.check_version(retriever.version)
-    retriever.check_version("")
-    with pytest.raises(BundleMismatch, match="other"):
-        retriever.check_version("other")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from protos.recsys.v1 import (
     retrieval_pb2_grpc,
 )
 from recsys_cli.stack import Stack
-from tests.bundle_factory import DIM
+from tests.bundle_factory import DIM, make_bundle
 
 
 @pytest.fixture(scope="module")
@@ -234,3 +235,102 @@ def test_recsys_serve_stops_cleanly_on_sigterm(tiny_bundles: Path, tmp_path: Pat
     assert proc.wait(timeout=30) == 0
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/healthz", timeout=2)
+
+
+def test_body_over_256_kib_is_refused_also_when_chunked(http: httpx.Client) -> None:
+    big = {"user_id": "u", "exclude_item_ids": ["x" * 200] * 1400}
+    reply = http.post("/v1/recommendations", json=big)
+    assert reply.status_code == 413 and reply.json()["error"]["field"] == "body"
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"user_id": "u", "exclude_item_ids": ['
+        for _ in range(1400):
+            yield b'"' + b"x" * 200 + b'",'
+        yield b'"y"]}'
+
+    reply = http.post("/v1/recommendations", content=chunks(), headers={"Content-Type": "application/json"})
+    assert reply.status_code == 413
+
+
+def test_explanations_and_diversity(http: httpx.Client) -> None:
+    http.post("/v1/events", json=events("gina", ["i001", "i003"]))
+    body = http.post("/v1/recommendations", json={"user_id": "gina", "k": 10, "max_per_genre": 2}).json()
+    genres = ["Odd" if int(i["item_id"][1:]) % 2 else "Even" for i in body["items"]]
+    assert genres.count("Odd") <= 2 and genres.count("Even") <= 2 and len(body["items"]) == 4
+    for item in body["items"]:
+        assert set(item["sources"]) <= set(item["stage_scores"])
+        assert item["stage_scores"]["ranker"] == pytest.approx(item["score"])
+
+
+def test_slow_ranking_gives_a_degraded_answer_within_budget(tiny_bundles: Path, tmp_path: Path) -> None:
+    env = {"RECSYS_RANKING_FAULT_DELAY_MS": "400", "RECSYS_GATEWAY_MAX_INFLIGHT": "2"}
+    with Stack(tiny_bundles, tmp_path / "state", http_port=0, grpc_port=0, env=env) as s:
+        with httpx.Client(base_url=s.http_url, timeout=10) as client:
+            client.post("/v1/events", json=events("hank", ["i002"]))
+            for timeout_ms in (50, 100):
+                t = time.perf_counter()
+                reply = client.post("/v1/recommendations", json={"user_id": "hank", "k": 5, "timeout_ms": timeout_ms})
+                elapsed_ms = (time.perf_counter() - t) * 1000
+                assert reply.status_code == 200
+                body = reply.json()
+                assert body["degraded"].startswith("ranking failed: deadline_exceeded"), body
+                assert len(body["items"]) == 5 and "i002" not in [i["item_id"] for i in body["items"]]
+                assert elapsed_ms <= timeout_ms + 15, f"{elapsed_ms:.1f} ms for a {timeout_ms} ms budget"
+
+        # At the in-flight limit, a request is refused at once with 503 + Retry-After, never queued.
+        limits = httpx.Limits(max_connections=8)
+        with httpx.Client(base_url=s.http_url, timeout=10, limits=limits) as client:
+
+            def ask(_: int) -> tuple[int, float, str | None]:
+                t = time.perf_counter()
+                r = client.post("/v1/recommendations", json={"user_id": "x", "timeout_ms": 1000})
+                return r.status_code, (time.perf_counter() - t) * 1000, r.headers.get("retry-after")
+
+            with ThreadPoolExecutor(8) as pool:
+                outcomes = list(pool.map(ask, range(8)))
+        refused = [o for o in outcomes if o[0] == 503]
+        assert {o[0] for o in outcomes} == {200, 503} and len(refused) >= 4, outcomes
+        assert all(ms < 100 and retry == "1" for _, ms, retry in refused), refused
+
+
+def test_forget_erases_the_user_and_raw_ids_never_reach_the_store(tiny_bundles: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with Stack(tiny_bundles, state, http_port=0, grpc_port=0) as s, httpx.Client(base_url=s.http_url) as client:
+        raw = "ivy.raw-user-id@example.com"
+        client.post("/v1/events", json=events(raw, ["i001", "i003", "i005"]))
+        client.post("/v1/events", json=events("jack", ["i002"]))
+        assert len(client.post("/v1/recommendations", json={"user_id": raw, "k": 40}).json()["items"]) == 37
+        stored = b"".join(p.read_bytes() for p in state.iterdir() if p.is_file())
+        assert raw.encode() not in stored and b"jack" not in stored
+        assert client.delete(f"/v1/users/{raw}").json() == {"erased": 3}
+        assert len(client.post("/v1/recommendations", json={"user_id": raw, "k": 40}).json()["items"]) == 40
+        # Its idempotency keys went too: the same events count again.
+        assert client.post("/v1/events", json=events(raw, ["i001"])).json() == {"accepted": 1}
+        with grpc.insecure_channel(s.grpc_addr) as channel:
+            reply = gateway_pb2_grpc.GatewayStub(channel).ForgetUser(gateway_pb2.ForgetUserRequest(user_id=raw))
+        assert reply.erased == 1
+        assert client.delete("/v1/users/jack").json() == {"erased": 1}
+        assert client.delete(f"/v1/users/{'x' * 300}").status_code == 422
+
+
+def test_a_published_bundle_is_picked_up_under_load_without_errors(tmp_path: Path) -> None:
+    bundles = tmp_path / "bundles"
+    first = make_bundle(bundles, seed=0)
+    with Stack(bundles, tmp_path / "state", http_port=0, grpc_port=0) as s, httpx.Client(base_url=s.http_url) as client:
+        client.post("/v1/events", json=events("kim", ["i001", "i003"]))
+        answers: list[dict[str, Any]] = []
+        second = None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            reply = client.post("/v1/recommendations", json={"user_id": "kim", "k": 5, "timeout_ms": 1000})
+            assert reply.status_code == 200, reply.text
+            answers.append(reply.json())
+            if second is None and len(answers) == 20:
+                second = make_bundle(bundles, seed=1)  # published (CURRENT swapped) mid-stream
+            if second is not None and answers[-1]["bundle_version"] == second and len(answers) > 60:
+                break
+        versions = [a["bundle_version"] for a in answers]
+        assert set(versions) == {first, second} and versions[-1] == second
+        assert versions == sorted(versions, key=[first, second].index), "no flapping back to the old version"
+        assert all(len(a["items"]) == 5 for a in answers)
+        assert not [a for a in answers if a["degraded"]], "ranking always answered for the pinned version"

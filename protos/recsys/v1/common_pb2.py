@@ -24,17 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/recsys/v1/common.proto\x12\trecsys.v1\"\\\n\x05\x45vent\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\x11\n\ttimestamp\x18\x03 \x01(\x03\x12\x10\n\x08\x65vent_id\x18\x04 \x01(\t\x12\x0c\n\x04type\x18\x05 \x01(\t\"A\n\x0bUserContext\x12\x17\n\x0frecent_item_ids\x18\x01 \x03(\t\x12\x19\n\x11recent_timestamps\x18\x02 \x03(\x03\"=\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0f\n\x07sources\x18\x03 \x03(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/recsys/v1/common.proto\x12\trecsys.v1\"\\\n\x05\x45vent\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\x11\n\ttimestamp\x18\x03 \x01(\x03\x12\x10\n\x08\x65vent_id\x18\x04 \x01(\t\x12\x0c\n\x04type\x18\x05 \x01(\t\"A\n\x0bUserContext\x12\x17\n\x0frecent_item_ids\x18\x01 \x03(\t\x12\x19\n\x11recent_timestamps\x18\x02 \x03(\x03\"\xaf\x01\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0f\n\x07sources\x18\x03 \x03(\t\x12<\n\x0cstage_scores\x18\x04 \x03(\x0b\x32&.recsys.v1.ScoredItem.StageScoresEntry\x1a\x32\n\x10StageScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.recsys.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SCOREDITEM_STAGESCORESENTRY']._loaded_options = None
+  _globals['_SCOREDITEM_STAGESCORESENTRY']._serialized_options = b'8\001'
   _globals['_EVENT']._serialized_start=44
   _globals['_EVENT']._serialized_end=136
   _globals['_USERCONTEXT']._serialized_start=138
   _globals['_USERCONTEXT']._serialized_end=203
-  _globals['_SCOREDITEM']._serialized_start=205
-  _globals['_SCOREDITEM']._serialized_end=266
+  _globals['_SCOREDITEM']._serialized_start=206
+  _globals['_SCOREDITEM']._serialized_end=381
+  _globals['_SCOREDITEM_STAGESCORESENTRY']._serialized_start=331
+  _globals['_SCOREDITEM_STAGESCORESENTRY']._serialized_end=381
 # @@protoc_insertion_point(module_scope)

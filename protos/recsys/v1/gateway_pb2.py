@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.recsys.v1 import common_pb2 as protos_dot_recsys_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/recsys/v1/gateway.proto\x12\trecsys.v1\x1a\x1dprotos/recsys/v1/common.proto\"\x97\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x19\n\x0c\x65xclude_seen\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x12\n\ntimeout_ms\x18\x04 \x01(\x05\x12\x18\n\x10\x65xclude_item_ids\x18\x05 \x03(\t\x12\r\n\x05\x64\x65\x62ug\x18\x06 \x01(\x08\x42\x0f\n\r_exclude_seen\"+\n\nStageIssue\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x8f\x02\n\x11RecommendResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.recsys.v1.ScoredItem\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\x12\x0f\n\x07partial\x18\x03 \x01(\x08\x12&\n\x07missing\x18\x04 \x03(\x0b\x32\x15.recsys.v1.StageIssue\x12\x10\n\x08\x64\x65graded\x18\x05 \x01(\t\x12?\n\ntimings_ms\x18\x06 \x03(\x0b\x32+.recsys.v1.RecommendResponse.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"0\n\x0cTrackRequest\x12 \n\x06\x65vents\x18\x01 \x03(\x0b\x32\x10.recsys.v1.Event\"!\n\rTrackResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x32\x8d\x01\n\x07Gateway\x12\x46\n\tRecommend\x12\x1b.recsys.v1.RecommendRequest\x1a\x1c.recsys.v1.RecommendResponse\x12:\n\x05Track\x12\x17.recsys.v1.TrackRequest\x1a\x18.recsys.v1.TrackResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/recsys/v1/gateway.proto\x12\trecsys.v1\x1a\x1dprotos/recsys/v1/common.proto\"\xae\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x19\n\x0c\x65xclude_seen\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x12\n\ntimeout_ms\x18\x04 \x01(\x05\x12\x18\n\x10\x65xclude_item_ids\x18\x05 \x03(\t\x12\r\n\x05\x64\x65\x62ug\x18\x06 \x01(\x08\x12\x15\n\rmax_per_genre\x18\x07 \x01(\x05\x42\x0f\n\r_exclude_seen\"+\n\nStageIssue\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x8f\x02\n\x11RecommendResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.recsys.v1.ScoredItem\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\x12\x0f\n\x07partial\x18\x03 \x01(\x08\x12&\n\x07missing\x18\x04 \x03(\x0b\x32\x15.recsys.v1.StageIssue\x12\x10\n\x08\x64\x65graded\x18\x05 \x01(\t\x12?\n\ntimings_ms\x18\x06 \x03(\x0b\x32+.recsys.v1.RecommendResponse.TimingsMsEntry\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"0\n\x0cTrackRequest\x12 \n\x06\x65vents\x18\x01 \x03(\x0b\x32\x10.recsys.v1.Event\"!\n\rTrackResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\"$\n\x11\x46orgetUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"$\n\x12\x46orgetUserResponse\x12\x0e\n\x06\x65rased\x18\x01 \x01(\x05\x32\xd8\x01\n\x07Gateway\x12\x46\n\tRecommend\x12\x1b.recsys.v1.RecommendRequest\x1a\x1c.recsys.v1.RecommendResponse\x12:\n\x05Track\x12\x17.recsys.v1.TrackRequest\x1a\x18.recsys.v1.TrackResponse\x12I\n\nForgetUser\x12\x1c.recsys.v1.ForgetUserRequest\x1a\x1d.recsys.v1.ForgetUserResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,17 +35,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECOMMENDRESPONSE_TIMINGSMSENTRY']._loaded_options = None
   _globals['_RECOMMENDRESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
   _globals['_RECOMMENDREQUEST']._serialized_start=77
-  _globals['_RECOMMENDREQUEST']._serialized_end=228
-  _globals['_STAGEISSUE']._serialized_start=230
-  _globals['_STAGEISSUE']._serialized_end=273
-  _globals['_RECOMMENDRESPONSE']._serialized_start=276
-  _globals['_RECOMMENDRESPONSE']._serialized_end=547
-  _globals['_RECOMMENDRESPONSE_TIMINGSMSENTRY']._serialized_start=499
-  _globals['_RECOMMENDRESPONSE_TIMINGSMSENTRY']._serialized_end=547
-  _globals['_TRACKREQUEST']._serialized_start=549
-  _globals['_TRACKREQUEST']._serialized_end=597
-  _globals['_TRACKRESPONSE']._serialized_start=599
-  _globals['_TRACKRESPONSE']._serialized_end=632
-  _globals['_GATEWAY']._serialized_start=635
-  _globals['_GATEWAY']._serialized_end=776
+  _globals['_RECOMMENDREQUEST']._serialized_end=251
+  _globals['_STAGEISSUE']._serialized_start=253
+  _globals['_STAGEISSUE']._serialized_end=296
+  _globals['_RECOMMENDRESPONSE']._serialized_start=299
+  _globals['_RECOMMENDRESPONSE']._serialized_end=570
+  _globals['_RECOMMENDRESPONSE_TIMINGSMSENTRY']._serialized_start=522
+  _globals['_RECOMMENDRESPONSE_TIMINGSMSENTRY']._serialized_end=570
+  _globals['_TRACKREQUEST']._serialized_start=572
+  _globals['_TRACKREQUEST']._serialized_end=620
+  _globals['_TRACKRESPONSE']._serialized_start=622
+  _globals['_TRACKRESPONSE']._serialized_end=655
+  _globals['_FORGETUSERREQUEST']._serialized_start=657
+  _globals['_FORGETUSERREQUEST']._serialized_end=693
+  _globals['_FORGETUSERRESPONSE']._serialized_start=695
+  _globals['_FORGETUSERRESPONSE']._serialized_end=731
+  _globals['_GATEWAY']._serialized_start=734
+  _globals['_GATEWAY']._serialized_end=950
 # @@protoc_insertion_point(module_scope)

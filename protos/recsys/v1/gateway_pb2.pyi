@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("user_id", "k", "exclude_seen", "timeout_ms", "exclude_item_ids", "debug")
+    __slots__ = ("user_id", "k", "exclude_seen", "timeout_ms", "exclude_item_ids", "debug", "max_per_genre")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     DEBUG_FIELD_NUMBER: _ClassVar[int]
+    MAX_PER_GENRE_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     k: int
     exclude_seen: bool
     timeout_ms: int
     exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
     debug: bool
-    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., timeout_ms: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., debug: _Optional[bool] = ...) -> None: ...
+    max_per_genre: int
+    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., timeout_ms: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., debug: _Optional[bool] = ..., max_per_genre: _Optional[int] = ...) -> None: ...
 
 class StageIssue(_message.Message):
     __slots__ = ("stage", "reason")
@@ -65,3 +67,15 @@ class TrackResponse(_message.Message):
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     def __init__(self, accepted: _Optional[int] = ...) -> None: ...
+
+class ForgetUserRequest(_message.Message):
+    __slots__ = ("user_id",)
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    def __init__(self, user_id: _Optional[str] = ...) -> None: ...
+
+class ForgetUserResponse(_message.Message):
+    __slots__ = ("erased",)
+    ERASED_FIELD_NUMBER: _ClassVar[int]
+    erased: int
+    def __init__(self, erased: _Optional[int] = ...) -> None: ...

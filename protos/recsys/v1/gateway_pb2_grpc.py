@@ -44,6 +44,11 @@ class GatewayStub:
                 request_serializer=protos_dot_recsys_dot_v1_dot_gateway__pb2.TrackRequest.SerializeToString,
                 response_deserializer=protos_dot_recsys_dot_v1_dot_gateway__pb2.TrackResponse.FromString,
                 _registered_method=True)
+        self.ForgetUser = channel.unary_unary(
+                '/recsys.v1.Gateway/ForgetUser',
+                request_serializer=protos_dot_recsys_dot_v1_dot_gateway__pb2.ForgetUserRequest.SerializeToString,
+                response_deserializer=protos_dot_recsys_dot_v1_dot_gateway__pb2.ForgetUserResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -62,6 +67,13 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForgetUser(self, request, context):
+        """Erases everything stored about a user (events and idempotency keys).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,6 +86,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.Track,
                     request_deserializer=protos_dot_recsys_dot_v1_dot_gateway__pb2.TrackRequest.FromString,
                     response_serializer=protos_dot_recsys_dot_v1_dot_gateway__pb2.TrackResponse.SerializeToString,
+            ),
+            'ForgetUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetUser,
+                    request_deserializer=protos_dot_recsys_dot_v1_dot_gateway__pb2.ForgetUserRequest.FromString,
+                    response_serializer=protos_dot_recsys_dot_v1_dot_gateway__pb2.ForgetUserResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -130,6 +147,33 @@ class Gateway:
             '/recsys.v1.Gateway/Track',
             protos_dot_recsys_dot_v1_dot_gateway__pb2.TrackRequest.SerializeToString,
             protos_dot_recsys_dot_v1_dot_gateway__pb2.TrackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.Gateway/ForgetUser',
+            protos_dot_recsys_dot_v1_dot_gateway__pb2.ForgetUserRequest.SerializeToString,
+            protos_dot_recsys_dot_v1_dot_gateway__pb2.ForgetUserResponse.FromString,
             options,
             channel_credentials,
             insecure,

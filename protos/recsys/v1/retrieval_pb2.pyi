@@ -30,12 +30,16 @@ class SearchRequest(_message.Message):
     def __init__(self, context: _Optional[_Union[_common_pb2.UserContext, _Mapping]] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., k: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., exclude_context: _Optional[bool] = ..., bundle_version: _Optional[str] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("items", "bundle_version")
+    __slots__ = ("items", "bundle_version", "shard", "method")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[_common_pb2.ScoredItem]
     bundle_version: str
-    def __init__(self, items: _Optional[_Iterable[_Union[_common_pb2.ScoredItem, _Mapping]]] = ..., bundle_version: _Optional[str] = ...) -> None: ...
+    shard: str
+    method: str
+    def __init__(self, items: _Optional[_Iterable[_Union[_common_pb2.ScoredItem, _Mapping]]] = ..., bundle_version: _Optional[str] = ..., shard: _Optional[str] = ..., method: _Optional[str] = ...) -> None: ...
 
 class BatchSearchRequest(_message.Message):
     __slots__ = ("requests",)
@@ -48,3 +52,23 @@ class BatchSearchResponse(_message.Message):
     RESPONSES_FIELD_NUMBER: _ClassVar[int]
     responses: _containers.RepeatedCompositeFieldContainer[SearchResponse]
     def __init__(self, responses: _Optional[_Iterable[_Union[SearchResponse, _Mapping]]] = ...) -> None: ...
+
+class SetUnavailableRequest(_message.Message):
+    __slots__ = ("add_item_ids", "remove_item_ids", "clear")
+    ADD_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_FIELD_NUMBER: _ClassVar[int]
+    add_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    remove_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    clear: bool
+    def __init__(self, add_item_ids: _Optional[_Iterable[str]] = ..., remove_item_ids: _Optional[_Iterable[str]] = ..., clear: _Optional[bool] = ...) -> None: ...
+
+class SetUnavailableResponse(_message.Message):
+    __slots__ = ("runtime_unavailable", "unavailable_in_shard", "bundle_version")
+    RUNTIME_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_IN_SHARD_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    runtime_unavailable: int
+    unavailable_in_shard: int
+    bundle_version: str
+    def __init__(self, runtime_unavailable: _Optional[int] = ..., unavailable_in_shard: _Optional[int] = ..., bundle_version: _Optional[str] = ...) -> None: ...

@@ -44,6 +44,11 @@ class RetrievalStub:
                 request_serializer=protos_dot_recsys_dot_v1_dot_retrieval__pb2.BatchSearchRequest.SerializeToString,
                 response_deserializer=protos_dot_recsys_dot_v1_dot_retrieval__pb2.BatchSearchResponse.FromString,
                 _registered_method=True)
+        self.SetUnavailable = channel.unary_unary(
+                '/recsys.v1.Retrieval/SetUnavailable',
+                request_serializer=protos_dot_recsys_dot_v1_dot_retrieval__pb2.SetUnavailableRequest.SerializeToString,
+                response_deserializer=protos_dot_recsys_dot_v1_dot_retrieval__pb2.SetUnavailableResponse.FromString,
+                _registered_method=True)
 
 
 class RetrievalServicer:
@@ -62,6 +67,14 @@ class RetrievalServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetUnavailable(self, request, context):
+        """Admin: mark items unavailable (never returned) or available again, on top of the bundle's
+        unavailable.json. Held in this process only and kept across bundle swaps; call every shard and replica.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrievalServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,6 +87,11 @@ def add_RetrievalServicer_to_server(servicer, server):
                     servicer.BatchSearch,
                     request_deserializer=protos_dot_recsys_dot_v1_dot_retrieval__pb2.BatchSearchRequest.FromString,
                     response_serializer=protos_dot_recsys_dot_v1_dot_retrieval__pb2.BatchSearchResponse.SerializeToString,
+            ),
+            'SetUnavailable': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetUnavailable,
+                    request_deserializer=protos_dot_recsys_dot_v1_dot_retrieval__pb2.SetUnavailableRequest.FromString,
+                    response_serializer=protos_dot_recsys_dot_v1_dot_retrieval__pb2.SetUnavailableResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -130,6 +148,33 @@ class Retrieval:
             '/recsys.v1.Retrieval/BatchSearch',
             protos_dot_recsys_dot_v1_dot_retrieval__pb2.BatchSearchRequest.SerializeToString,
             protos_dot_recsys_dot_v1_dot_retrieval__pb2.BatchSearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetUnavailable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.Retrieval/SetUnavailable',
+            protos_dot_recsys_dot_v1_dot_retrieval__pb2.SetUnavailableRequest.SerializeToString,
+            protos_dot_recsys_dot_v1_dot_retrieval__pb2.SetUnavailableResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,138 @@
+"""ExportConfig: every knob of an export, with defaults that fit a 2-core laptop and ML-100K."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PROTOCOLS = ("loo", "replay")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """All training, table, evaluation and export settings of one `recsys export` run.
+
+    Recorded verbatim in the manifest (`training.config`) so a bundle says how it was made.
+    """
+
+    seed: int = 0
+    torch_threads: int = 2
+    history_len: int = 50
+
+    # Two-tower retriever: item tower = id embedding (+ genres); user tower = causal self-attention.
+    tt_dim: int = 64
+    tt_layers: int = 2
+    tt_heads: int = 2
+    tt_dropout: float = 0.3
+    tt_epochs: int = 12
+    tt_batch_size: int = 128
+    tt_lr: float = 5e-3
+    tt_weight_decay: float = 0.01
+    tt_use_genres: bool = True
+    tt_bf16: bool = True  # bf16 autocast for training matmuls; export and evaluation always run fp32
+
+    # Item-to-item and popularity tables.
+    covisit_window: int = 5
+    covisit_top_m: int = 100
+    covisit_recency_decay: float = 0.8
+    recent_popularity_fraction: float = 0.1
+
+    # Serving candidate plan, mirrored when the ranker is trained and evaluated.
+    cand_ann: int = 200
+    cand_covisit: int = 100
+    cand_popular: int = 50
+
+    # Ranker (DCN-v2 style) trained listwise on held-out events of each training sequence.
+    ranker_dim: int = 32
+    ranker_cross_layers: int = 2
+    ranker_hidden: tuple[int, ...] = (128, 64)
+    ranker_dropout: float = 0.0
+    ranker_epochs: int = 3
+    ranker_train_candidates: int = 64
+    ranker_batch_size: int = 128
+    ranker_lr: float = 2e-3
+    ranker_weight_decay: float = 1e-4
+    ranker_holdout_events: int = 10
+    ranker_holdout_max_frac: float = 0.3
+    ranker_random_negatives: int = 16
+    ranker_scheme: str = "holdout"  # or "in_sample" (for measuring train/serve skew only; see exporter/fit.py)
+    # Refit the served retriever on the whole training part once the ranker is trained (see exporter/fit.py).
+    retriever_refit: bool = True
+    # int8 dynamic quantization of ranker.onnx: evaluated under each protocol, shipped only when the NDCG@k
+    # drop is at most ranker_int8_max_ndcg_drop on every evaluated protocol.
+    ranker_int8: bool = True
+    ranker_int8_max_ndcg_drop: float = 0.005
+
+    # Evaluation and export gates.
+    eval_protocols: tuple[str, ...] = PROTOCOLS
+    eval_k: int = 10
+    replay_quantile: float = 0.9
+    parity_rows: int = 1000
+    parity_tol: float = 1e-4
+    # Refuse to publish when the chosen FAISS index's recall@100 against exact search is below this.
+    index_recall_floor: float = 0.95
+    opset: int = 18
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.eval_protocols if p not in PROTOCOLS]
+        if unknown:
+            raise ValueError(f"eval_protocols: unknown protocol(s) {unknown}; choose from {list(PROTOCOLS)}")
+        if self.ranker_scheme not in ("holdout", "in_sample"):
+            raise ValueError(f"ranker_scheme must be 'holdout' or 'in_sample', not {self.ranker_scheme!r}")
+        if self.tt_dim % self.tt_heads:
+            raise ValueError(f"tt_dim ({self.tt_dim}) must be divisible by tt_heads ({self.tt_heads})")
+        if self.history_len < 1:
+            raise ValueError("history_len must be >= 1")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ExportConfig:
+        """Build from a plain dict (JSON); unknown keys are an error, not silently ignored."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown ExportConfig key(s): {', '.join(unknown)}; known keys: {', '.join(fields)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, path: Path) -> ExportConfig:
+        try:
+            raw = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a JSON object of ExportConfig keys")
+        try:
+            return cls.from_dict(raw)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> ExportConfig:
+        """Seconds-long settings for tests and demos on small synthetic data."""
+        base: dict[str, Any] = dict(
+            history_len=10,
+            tt_dim=16,
+            tt_layers=1,
+            tt_heads=1,
+            tt_epochs=3,
+            tt_batch_size=64,
+            ranker_dim=8,
+            ranker_hidden=(16,),
+            ranker_epochs=2,
+            cand_ann=20,
+            cand_covisit=10,
+            cand_popular=5,
+            ranker_random_negatives=4,
+            ranker_holdout_events=3,
+            eval_protocols=(),
+            parity_rows=64,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

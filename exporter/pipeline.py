@@ -1,0 +1,239 @@
+"""run_export: load data, evaluate under the protocols, fit on everything, export, gate and publish a bundle."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from exporter.ann_index import IndexPolicy, choose_and_build
+from exporter.candidates import CandidatePlan, serving_candidates
+from exporter.config import ExportConfig
+from exporter.data import Dataset, load_dataset
+from exporter.evaluate import evaluate_protocol, format_report
+from exporter.fit import Fitted, fit_models
+from exporter.onnx_export import (
+    ParityError,
+    export_ranker,
+    export_user_tower,
+    io_schema,
+    latency_ms,
+    ranker_parity,
+    ship_int8_if_harmless,
+    user_tower_parity,
+)
+from exporter.sequences import Sequences, encode_items, histories_before, item_vocabulary, last_histories
+from exporter.tables import genre_multi_hot
+from exporter.train import Stopwatch, seed_everything, user_vectors
+from recsys_common.bundle import BundleWriter
+from recsys_common.features import DENSE_FEATURES, SOURCES, ranker_feed
+
+LATENCY_CANDIDATES = 350
+
+
+class IndexGateError(RuntimeError):
+    """The chosen FAISS index does not reach the recall floor against exact search."""
+
+
+def _log(progress: bool, message: str) -> None:
+    if progress:
+        print(message, flush=True)
+
+
+def parity_histories(seqs: Sequences, rows: int, history_len: int, seed: int) -> npt.NDArray[np.int64]:
+    """Real histories for the parity gate: a quarter are length-1 (padded attention is the risk), the rest random."""
+    rng = np.random.default_rng(seed)
+    lengths = np.diff(seqs.indptr)
+    firsts = seqs.indptr[:-1][lengths >= 2] + 1  # history = the user's first item only
+    firsts = np.sort(rng.permutation(firsts)[: max(1, rows // 4)])
+    pool = np.setdiff1d(np.flatnonzero(seqs.position_in_user() >= 1), firsts)
+    extra = rng.choice(pool, size=min(max(rows - len(firsts), 0), len(pool)), replace=False)
+    positions = np.concatenate([firsts, np.sort(extra)]).astype(np.int64)
+    return histories_before(seqs, positions, history_len)
+
+
+def _ranker_feeds(
+    fitted: Fitted, seqs: Sequences, histories_all: npt.NDArray[np.int64], min_rows: int, config: ExportConfig
+) -> list[dict[str, Any]]:
+    """Per-user ranker feeds built as the serving stack builds them, until min_rows candidates are covered."""
+    plan = CandidatePlan.from_config(config)
+    feeds: list[dict[str, Any]] = []
+    rows = 0
+    vecs = user_vectors(fitted.retriever, histories_all)
+    for u in range(seqs.n_users):
+        seen = seqs.user_seq(u)
+        cands, mask = serving_candidates(fitted.tables, seen, vecs[u], plan)
+        if cands.size == 0:
+            continue
+        feeds.append(ranker_feed(fitted.tables, seen, cands, mask, vecs[u]))
+        rows += cands.size
+        if rows >= min_rows:
+            break
+    return feeds
+
+
+def _items_json(vocab: tuple[str, ...], ds: Dataset) -> dict[str, Any]:
+    return {
+        "item_ids": list(vocab),
+        "titles": [ds.titles.get(i, "") for i in vocab],
+        "genres": [list(ds.genres.get(i, ())) for i in vocab],
+        "genre_names": list(ds.genre_names),
+    }
+
+
+def run_export(config: ExportConfig, data_dir: Path, bundles_dir: Path, progress: bool = True) -> str:
+    """Train, evaluate, export and publish a bundle from data_dir into bundles_dir; returns the version.
+
+    Refuses to publish (raises ParityError) when an ONNX graph disagrees with torch beyond tolerance.
+    """
+    started = time.perf_counter()
+    watch = Stopwatch()
+    seed_everything(config.seed, config.torch_threads)
+    ds = load_dataset(Path(data_dir))
+    data_summary = ds.summary()
+    watch.lap("load")
+    _log(
+        progress,
+        f"loaded {len(ds)} interactions from {data_dir} ({data_summary['n_users']} users, "
+        f"{data_summary['n_items']} items)",
+    )
+
+    evaluation: dict[str, Any] = {}
+    for protocol in config.eval_protocols:
+        evaluation[protocol] = evaluate_protocol(ds, protocol, config, progress)
+        watch.lap(f"eval_{protocol}")
+    if evaluation:
+        _log(progress, format_report(evaluation))
+
+    vocab = item_vocabulary(ds.item_ids)
+    idx = encode_items(ds.item_ids, vocab)
+    seqs = Sequences.build(ds.user_ids, idx, ds.timestamps)
+    genres = genre_multi_hot(vocab, ds.genres, ds.genre_names)
+    fitted = fit_models(seqs, len(vocab), genres, config, progress, label="final: ")
+    watch.lap("fit_final")
+
+    writer = BundleWriter(Path(bundles_dir))
+    try:
+        drops = {p: float(r["ranker_int8_ndcg_drop"]) for p, r in evaluation.items() if "ranker_int8_ndcg_drop" in r}
+        manifest = _stage(writer.staging, config, ds, vocab, seqs, fitted, progress, drops)
+        watch.lap("export")
+        manifest.update(
+            data=data_summary,
+            training={
+                "config": config.to_dict(),
+                "seconds": round(time.perf_counter() - started, 2),
+                "steps_seconds": watch.seconds,
+                "final_fit": fitted.report,
+                "torch": torch.__version__,
+            },
+            evaluation=evaluation,
+        )
+        version = writer.publish(manifest)
+    except BaseException:
+        writer.abort()
+        raise
+    _log(progress, f"published bundle {version} in {time.perf_counter() - started:.1f} s")
+    return version
+
+
+def _stage(
+    staging: Path,
+    config: ExportConfig,
+    ds: Dataset,
+    vocab: tuple[str, ...],
+    seqs: Sequences,
+    fitted: Fitted,
+    progress: bool,
+    int8_ndcg_drops: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Write every bundle file into staging, run the gates, and return the manifest (without files/version)."""
+    tables = fitted.tables
+    (staging / "items.json").write_text(json.dumps(_items_json(vocab, ds), ensure_ascii=False))
+    np.save(staging / "item_emb.npy", tables.item_emb)
+    np.save(staging / "popularity.npy", tables.popularity)
+    np.save(staging / "item_features.npy", tables.item_features)
+    np.savez(
+        staging / "covisit.npz",
+        indptr=tables.covisit.indptr,
+        indices=tables.covisit.indices,
+        scores=tables.covisit.scores,
+    )
+
+    last_all = last_histories(seqs, config.history_len)
+    user_vecs = user_vectors(fitted.retriever, last_all)
+    # Index type by catalogue size (exact for small catalogues), tuned and checked on real user vectors.
+    index, index_section, index_report = choose_and_build(
+        tables.item_emb, user_vecs, IndexPolicy(recall_floor=config.index_recall_floor, seed=config.seed)
+    )
+    if not index_report.passed:
+        raise IndexGateError(f"items.faiss: {index_report.reason}: not publishing")
+    faiss.write_index(index, str(staging / "items.faiss"))
+    _log(progress, f"index {index_report.factory}: recall@{index_report.k} {index_report.recall:.3f} vs exact")
+
+    ut_path = staging / "user_tower.onnx"
+    export_user_tower(fitted.retriever, ut_path, config.history_len, config.opset)
+    histories = parity_histories(seqs, config.parity_rows, config.history_len, config.seed)
+    ut_parity = user_tower_parity(fitted.retriever, ut_path, histories, config.parity_tol)
+    rk_path = staging / "ranker.onnx"
+    n_dense = len(DENSE_FEATURES) + tables.item_features.shape[1]
+    export_ranker(fitted.ranker, rk_path, config.history_len, n_dense, config.opset)
+    feeds = _ranker_feeds(fitted, seqs, last_all, config.parity_rows, config)
+    rk_parity = ranker_parity(fitted.ranker, rk_path, feeds, config.parity_tol)
+    _log(
+        progress,
+        f"ONNX parity: user_tower max|diff| {ut_parity.max_abs_diff:.2e} on {ut_parity.rows} histories, "
+        f"ranker {rk_parity.max_abs_diff:.2e} on {rk_parity.rows} candidates",
+    )
+    for name, report in (("user_tower", ut_parity), ("ranker", rk_parity)):
+        if not report.ok:
+            raise ParityError(
+                f"{name}.onnx differs from torch by {report.max_abs_diff:.3g} "
+                f"(> {report.tolerance:g}) on {report.rows} rows: not publishing"
+            )
+
+    lat_feed = dict(max(feeds, key=lambda f: f["candidates"].shape[1]))
+    reps = -(-LATENCY_CANDIDATES // lat_feed["candidates"].shape[1])
+    lat_feed["candidates"] = np.tile(lat_feed["candidates"], (1, reps))[:, :LATENCY_CANDIDATES]
+    lat_feed["dense"] = np.tile(lat_feed["dense"], (1, reps, 1))[:, :LATENCY_CANDIDATES]
+    # After the fp32 parity gate: int8 ships only when the evaluation measured its NDCG cost as negligible.
+    quantization = (
+        ship_int8_if_harmless(rk_path, lat_feed, int8_ndcg_drops or {}, config.ranker_int8_max_ndcg_drop)
+        if config.ranker_int8
+        else {"int8": False}
+    )
+    models = {
+        "user_tower": {
+            "file": ut_path.name,
+            "opset": config.opset,
+            **io_schema(ut_path),
+            "parity": ut_parity.as_dict(),
+            "latency_batch1": latency_ms(ut_path, {"history": histories[:1]}),
+        },
+        "ranker": {
+            "file": rk_path.name,
+            "opset": config.opset,
+            **io_schema(rk_path),
+            "parity": rk_parity.as_dict(),
+            f"latency_{LATENCY_CANDIDATES}_candidates": latency_ms(rk_path, lat_feed),
+            "quantization": quantization,
+        },
+    }
+    return {
+        "history_len": config.history_len,
+        "embedding": {"dim": int(tables.item_emb.shape[1]), "metric": "inner_product"},
+        "index": index_section,
+        "models": models,
+        "features": {
+            "covisit_recency_decay": tables.covisit_decay,
+            "sources": list(SOURCES),
+            "candidate_plan": CandidatePlan.from_config(config).as_dict(),
+            "dense": list(DENSE_FEATURES),
+            "item_features": fitted.feature_names,
+        },
+    }

@@ -1,0 +1,140 @@
+"""Candidate sources: small pluggable parts the gateway runs concurrently for each request.
+
+Each source answers one question ("which items, and how strongly?") for a SourceQuery and returns
+a SourceResult; it may block (a remote call, a store read) but must respect the timeout it is
+given. Failures are exceptions; the fan-out in core.py turns them into a `missing` entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from gateway.clients import RetrievalClient, ShardedRetrievalClient
+from gateway.store import UserStore
+from recsys_common.catalog import Catalog
+from recsys_common.features import ItemTables, covisit_candidates, popular_candidates
+
+
+@dataclass(frozen=True)
+class SourceQuery:
+    """What every source may use: the user's recent items and what must not be proposed."""
+
+    recent_ids: Sequence[str]  # newest history_len item ids, oldest first
+    history_idx: npt.NDArray[np.int64]  # their dense indices, unknown items dropped
+    excluded_ids: Sequence[str]
+    excluded_idx: npt.NDArray[np.int64]
+    k: int
+    bundle_version: str
+    catalog: Catalog  # the request's bundle version's catalogue
+
+
+@dataclass(frozen=True)
+class SourceResult:
+    name: str
+    item_ids: list[str]
+    scores: list[float]
+
+
+class CandidateSource(Protocol):
+    name: str
+
+    def fetch(self, query: SourceQuery, timeout_s: float) -> SourceResult: ...
+
+
+def _from_indices(
+    name: str, catalog: Catalog, idx: npt.NDArray[np.int64], scores: npt.NDArray[np.float32]
+) -> SourceResult:
+    return SourceResult(name, [catalog.id_of(int(i)) for i in idx], [float(s) for s in scores])
+
+
+class AnnSource:
+    """Nearest items to the user's query vector, from the retrieval service (all its shards)."""
+
+    name = "ann"
+
+    def __init__(self, client: RetrievalClient | ShardedRetrievalClient, n: int) -> None:
+        self.client = client
+        self.n = n
+
+    def fetch(self, query: SourceQuery, timeout_s: float) -> SourceResult:
+        future = self.client.search_future(
+            query.recent_ids, max(self.n, query.k), query.excluded_ids, query.bundle_version, timeout_s
+        )
+        scored = self.client.result(future)
+        return SourceResult(self.name, scored.item_ids, scored.scores)
+
+
+class CovisitSource:
+    """Items often consumed next to the user's recent items (recency-weighted), from the bundle."""
+
+    name = "covisit"
+
+    def __init__(self, catalog: Catalog, tables: ItemTables, n: int) -> None:
+        self.catalog, self.tables, self.n = catalog, tables, n
+
+    def fetch(self, query: SourceQuery, timeout_s: float) -> SourceResult:
+        idx, scores = covisit_candidates(self.tables, query.history_idx, self.n, query.excluded_idx)
+        return _from_indices(self.name, self.catalog, idx, scores)
+
+
+class PopularSource:
+    """The bundle's most popular items: always available, the last resort of every answer."""
+
+    name = "popular"
+
+    def __init__(self, catalog: Catalog, tables: ItemTables, n: int) -> None:
+        self.catalog, self.tables, self.n = catalog, tables, n
+
+    def fetch(self, query: SourceQuery, timeout_s: float) -> SourceResult:
+        idx, scores = popular_candidates(self.tables, max(self.n, query.k), query.excluded_idx)
+        return _from_indices(self.name, self.catalog, idx, scores)
+
+
+class ColdStartSource:
+    """Popular items in the genres of the user's recent items: useful while a history is short."""
+
+    name = "coldstart"
+
+    def __init__(self, catalog: Catalog, tables: ItemTables, n: int) -> None:
+        self.catalog, self.n = catalog, n
+        self.popularity = tables.popularity
+        # Per genre, its items by descending popularity (ties: smaller index first).
+        by_genre: dict[str, list[int]] = {}
+        for index, genres in enumerate(catalog.genres, start=1):
+            for g in genres:
+                by_genre.setdefault(g, []).append(index)
+        self.by_genre = {
+            g: np.asarray(sorted(items, key=lambda i: (-self.popularity[i], i)), dtype=np.int64)
+            for g, items in by_genre.items()
+        }
+
+    def fetch(self, query: SourceQuery, timeout_s: float) -> SourceResult:
+        recent = query.history_idx[-10:]
+        genres = {g for i in recent.tolist() for g in self.catalog.genres[i - 1]}
+        if not genres:
+            return SourceResult(self.name, [], [])
+        pool = np.unique(np.concatenate([self.by_genre[g][: self.n] for g in genres if g in self.by_genre]))
+        pool = pool[~np.isin(pool, query.excluded_idx)]
+        order = np.argsort(-self.popularity[pool], kind="stable")[: self.n]
+        return _from_indices(self.name, self.catalog, pool[order], self.popularity[pool[order]])
+
+
+class TrendingSource:
+    """Items trending now: decayed counts of recent events from the user-state store (all replicas share it)."""
+
+    name = "trending"
+
+    def __init__(self, store: UserStore, n: int) -> None:
+        self.store, self.n = store, n
+
+    def fetch(self, query: SourceQuery, timeout_s: float) -> SourceResult:
+        excluded = set(query.excluded_ids)
+        # Ask for enough that n remain after dropping excluded items and items this bundle cannot rank.
+        rows = self.store.trending(self.n + len(excluded))
+        kept = [(i, s) for i, s in rows if i not in excluded and query.catalog.index_of(i)][: self.n]
+        return SourceResult(self.name, [i for i, _ in kept], [s for _, s in kept])

@@ -1,0 +1,122 @@
+"""recsys_common.features: shapes and semantics of the serving-side candidate and feature functions."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from recsys_common.features import (
+    DENSE_FEATURES,
+    SOURCES,
+    Covisit,
+    ItemTables,
+    covisit_candidates,
+    merge_sources,
+    pad_history,
+    popular_candidates,
+    ranker_feed,
+)
+
+
+def _tables(history_len: int = 4) -> ItemTables:
+    # 5 items. Co-visitation rows (best first): 1 -> {2: 3, 3: 1}; 2 -> {1: 3, 4: 2}; 3 -> {1: 1}; 4 -> {2: 2}.
+    indptr = np.array([0, 0, 2, 4, 5, 6, 6], dtype=np.int64)
+    indices = np.array([2, 3, 1, 4, 1, 2], dtype=np.int32)
+    scores = np.array([3, 1, 3, 2, 1, 2], dtype=np.float32)
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((6, 3)).astype(np.float32)
+    emb[0] = 0
+    return ItemTables(
+        popularity=np.array([0, 5, 9, 1, 7, 3], dtype=np.float32),
+        covisit=Covisit(indptr, indices, scores),
+        item_features=np.arange(12, dtype=np.float32).reshape(6, 2),
+        item_emb=emb,
+        history_len=history_len,
+        covisit_decay=0.5,
+    )
+
+
+def test_pad_history_right_aligns_and_truncates() -> None:
+    assert pad_history(np.array([7, 8]), 4).tolist() == [[0, 0, 7, 8]]
+    assert pad_history(np.array([1, 2, 3, 4, 5]), 3).tolist() == [[3, 4, 5]]
+    assert pad_history(np.array([], dtype=np.int64), 2).tolist() == [[0, 0]]
+    assert pad_history(np.array([5]), 3).dtype == np.int64
+
+
+def test_covisit_candidates_recency_weighted_and_excluding() -> None:
+    t = _tables()
+    # history [1, 2]: newest (2) weighs 1, item 1 weighs 0.5.
+    items, scores = covisit_candidates(t, np.array([1, 2]), n=10, exclude=np.array([], dtype=np.int64))
+    expected = {1: 3.0, 4: 2.0, 2: 1.5, 3: 0.5}
+    assert dict(zip(items.tolist(), scores.tolist(), strict=True)) == pytest.approx(expected)
+    assert scores.tolist() == sorted(scores.tolist(), reverse=True)
+    items, _ = covisit_candidates(t, np.array([1, 2]), n=2, exclude=np.array([1, 2]))
+    assert items.tolist() == [4, 3]
+    empty, _ = covisit_candidates(t, np.array([5]), n=3, exclude=np.array([5]))
+    assert empty.size == 0
+
+
+def test_popular_candidates_skip_excluded() -> None:
+    t = _tables()
+    items, scores = popular_candidates(t, 3, exclude=np.array([2]))
+    assert items.tolist() == [4, 1, 5]
+    assert scores.tolist() == [7, 5, 3]
+    assert popular_candidates(t, 10, np.array([], dtype=np.int64))[0].tolist() == [2, 4, 1, 5, 3]
+
+
+def test_merge_sources_dedupes_and_marks_every_source() -> None:
+    cands, mask = merge_sources([np.array([3, 1]), np.array([1, 4]), np.array([4, 5])])
+    assert cands.tolist() == [3, 1, 4, 5]
+    assert mask.tolist() == [[1, 0, 0], [1, 1, 0], [0, 1, 1], [0, 0, 1]]
+    assert mask.dtype == np.float32 and mask.shape[1] == len(SOURCES)
+
+
+def test_ranker_feed_shapes_and_values() -> None:
+    t = _tables()
+    history = np.array([1, 2])
+    cands, mask = merge_sources([np.array([3, 4]), np.array([4]), np.array([5])])
+    user_vec = np.array([1.0, 0.5, -1.0], dtype=np.float32)
+    feed = ranker_feed(t, history, cands, mask, user_vec)
+    assert set(feed) == {"history", "candidates", "dense"}
+    assert feed["history"].tolist() == [[0, 0, 1, 2]] and feed["history"].dtype == np.int64
+    assert feed["candidates"].tolist() == [[3, 4, 5]] and feed["candidates"].dtype == np.int64
+    dense = feed["dense"]
+    assert dense.shape == (1, 3, len(DENSE_FEATURES) + 2) and dense.dtype == np.float32
+    retrieval = t.item_emb[cands] @ user_vec
+    col = {name: j for j, name in enumerate(DENSE_FEATURES)}
+    np.testing.assert_allclose(dense[0, :, col["retrieval_score"]], retrieval, rtol=1e-6)
+    np.testing.assert_allclose(dense[0, :, col["retrieval_gap"]], retrieval - retrieval.max(), rtol=1e-6, atol=1e-6)
+    z = (retrieval - retrieval.mean()) / (retrieval.std() + 1e-6)
+    np.testing.assert_allclose(dense[0, :, col["retrieval_z"]], z, rtol=1e-5, atol=1e-6)
+    ranks = np.argsort(np.argsort(-retrieval, kind="stable"), kind="stable")
+    np.testing.assert_allclose(dense[0, :, col["retrieval_rank"]], np.log1p(ranks), rtol=1e-6)
+    hist_cv, last_cv = dense[0, :, col["covisit_history"]], dense[0, :, col["covisit_last"]]
+    np.testing.assert_allclose(hist_cv, np.log1p([0.5, 2.0, 0.0]), rtol=1e-6)  # history co-visitation
+    np.testing.assert_allclose(last_cv, np.log1p([0.0, 2.0, 0.0]), rtol=1e-6)  # co-visitation with item 2
+    unit = t.item_emb / (np.linalg.norm(t.item_emb, axis=1, keepdims=True) + 1e-6)
+    cos = unit[cands] @ unit[history].T
+    np.testing.assert_allclose(dense[0, :, col["sim_last"]], cos[:, -1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dense[0, :, col["sim_recent_max"]], cos.max(axis=1), rtol=1e-5, atol=1e-6)
+    src = col[f"source:{SOURCES[0]}"]
+    np.testing.assert_array_equal(dense[0, :, src : src + len(SOURCES)], mask)
+    np.testing.assert_array_equal(dense[0, :, len(DENSE_FEATURES) :], t.item_features[cands])
+
+
+def test_ranker_feed_for_a_user_without_history() -> None:
+    t = _tables()
+    feed = ranker_feed(t, np.array([], dtype=np.int64), np.array([1, 2]), np.ones((2, 3), np.float32), np.ones(3))
+    assert feed["history"].tolist() == [[0, 0, 0, 0]]
+    covisit = [DENSE_FEATURES.index("covisit_history"), DENSE_FEATURES.index("covisit_last")]
+    assert np.all(feed["dense"][0, :, covisit] == 0)
+
+
+def test_features_module_imports_no_heavy_packages() -> None:
+    code = (
+        "import sys, recsys_common.features; "
+        "bad = [m for m in ('torch', 'faiss', 'onnxruntime') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
