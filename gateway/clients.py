@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.hedging import Hedger
 from protos.recsys.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 
 
@@ -16,6 +18,8 @@ class Scored:
     item_ids: list[str]
     scores: list[float]
     bundle_version: str
+    # Shards that did not answer, with the reason: the answer covers the other shards' items only.
+    missing: tuple[tuple[str, str], ...] = ()
 
 
 def _healthy(channel: grpc.Channel, timeout_s: float) -> bool:
@@ -31,14 +35,17 @@ RETRIEVAL_CHANNEL_OPTIONS = [("grpc.max_send_message_length", 4 << 20), ("grpc.m
 
 
 class RetrievalClient:
-    def __init__(self, address: str) -> None:
+    """One retrieval server (or shard); searches are hedged after their observed p95 latency."""
+
+    def __init__(self, address: str, hedger: Hedger | None = None) -> None:
         self.address = address
         self.channel = grpc.insecure_channel(address, options=RETRIEVAL_CHANNEL_OPTIONS)
         self.stub = retrieval_pb2_grpc.RetrievalStub(self.channel)
+        self.hedger = hedger or Hedger()
 
-    def search_future(
+    def search(
         self, recent_item_ids: Sequence[str], k: int, exclude: Sequence[str], bundle_version: str, timeout_s: float
-    ) -> grpc.Future:
+    ) -> Scored:
         request = retrieval_pb2.SearchRequest(
             context=common_pb2.UserContext(recent_item_ids=recent_item_ids),
             k=k,
@@ -46,11 +53,8 @@ class RetrievalClient:
             exclude_context=False,
             bundle_version=bundle_version,
         )
-        return self.stub.Search.future(request, timeout=timeout_s)
-
-    @staticmethod
-    def result(future: grpc.Future) -> Scored:
-        reply: retrieval_pb2.SearchResponse = future.result()
+        reply = self.hedger.call(lambda t: self.stub.Search.future(request, timeout=t), timeout_s)
+        assert isinstance(reply, retrieval_pb2.SearchResponse)
         return Scored([i.item_id for i in reply.items], [i.score for i in reply.items], reply.bundle_version)
 
     def healthy(self, timeout_s: float) -> bool:
@@ -67,10 +71,10 @@ class ShardMismatch(RuntimeError):
 class ShardedRetrievalClient:
     """The retrieval service split over n shards (`python -m retrieval_svc --shard i/n`), seen as one.
 
-    Same interface as RetrievalClient. Every shard is asked for the top k of its own items in parallel;
-    the merge keeps the k best by score, so over exact shards the answer equals the unsharded top-k
-    (ids and scores). A failed or late shard fails the whole search (the gateway then reports the ANN
-    source as missing) rather than silently returning a top-k of part of the catalogue.
+    Same interface as RetrievalClient. Every shard is asked for the top k of its own items in parallel
+    (each call hedged on its own); the merge keeps the k best by score, so over exact shards the answer
+    equals the unsharded top-k (ids and scores). A failed or late shard is named in `missing` and the
+    answer covers the others (the gateway flags it partial); only when every shard fails does it raise.
     """
 
     def __init__(self, addresses: Sequence[str]) -> None:
@@ -78,16 +82,26 @@ class ShardedRetrievalClient:
             raise ValueError("ShardedRetrievalClient needs at least one address")
         self.shards = [RetrievalClient(a) for a in addresses]
         self.address = ",".join(addresses)
+        self._pool = ThreadPoolExecutor(max_workers=4 * len(self.shards), thread_name_prefix="shards")
 
-    def search_future(
+    def search(
         self, recent_item_ids: Sequence[str], k: int, exclude: Sequence[str], bundle_version: str, timeout_s: float
-    ) -> tuple[int, list[grpc.Future]]:
-        return k, [s.search_future(recent_item_ids, k, exclude, bundle_version, timeout_s) for s in self.shards]
-
-    @staticmethod
-    def result(future: tuple[int, list[grpc.Future]]) -> Scored:
-        k, futures = future
-        parts = [RetrievalClient.result(f) for f in futures]
+    ) -> Scored:
+        calls = [
+            self._pool.submit(s.search, recent_item_ids, k, exclude, bundle_version, timeout_s) for s in self.shards
+        ]
+        parts: list[Scored] = []
+        missing: list[tuple[str, str]] = []
+        errors: list[BaseException] = []
+        for n, call in enumerate(calls):
+            try:
+                parts.append(call.result(timeout=timeout_s + 0.05))
+            except Exception as exc:  # a shard down or late: the others still answer
+                errors.append(exc)
+                reason = f"{exc.code().name.lower()}: {exc.details()}" if isinstance(exc, grpc.Call) else repr(exc)
+                missing.append((f"shard {n}/{len(self.shards)}", reason))
+        if not parts:
+            raise errors[0]
         versions = {p.bundle_version for p in parts}
         if len(versions) > 1:
             raise ShardMismatch(f"retrieval shards answered from different bundle versions: {sorted(versions)}")
@@ -96,12 +110,13 @@ class ShardedRetrievalClient:
             ((score, item_id) for p in parts for item_id, score in zip(p.item_ids, p.scores, strict=True)),
             key=lambda pair: (-pair[0], pair[1]),
         )[:k]
-        return Scored([i for _, i in merged], [s for s, _ in merged], parts[0].bundle_version)
+        return Scored([i for _, i in merged], [s for s, _ in merged], parts[0].bundle_version, tuple(missing))
 
     def healthy(self, timeout_s: float) -> bool:
         return all(s.healthy(timeout_s) for s in self.shards)
 
     def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
         for s in self.shards:
             s.close()
 

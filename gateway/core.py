@@ -263,6 +263,8 @@ class Recommender:
                 results.append(future.result())
             except Exception as exc:
                 missing.append((pending[future], _reason(exc)))
+        for result in results:
+            missing.extend(result.missing)
         order = {name: n for n, name in enumerate(self.config.source_priority)}
         return sorted(results, key=lambda r: order.get(r.name, len(order)))
 

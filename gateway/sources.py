@@ -38,6 +38,8 @@ class SourceResult:
     name: str
     item_ids: list[str]
     scores: list[float]
+    # Parts of the source that did not answer (e.g. a retrieval shard), with the reason.
+    missing: tuple[tuple[str, str], ...] = ()
 
 
 class CandidateSource(Protocol):
@@ -62,11 +64,11 @@ class AnnSource:
         self.n = n
 
     def fetch(self, query: SourceQuery, timeout_s: float) -> SourceResult:
-        future = self.client.search_future(
+        scored = self.client.search(
             query.recent_ids, max(self.n, query.k), query.excluded_ids, query.bundle_version, timeout_s
         )
-        scored = self.client.result(future)
-        return SourceResult(self.name, scored.item_ids, scored.scores)
+        missing = tuple((f"{self.name} {part}", reason) for part, reason in scored.missing)
+        return SourceResult(self.name, scored.item_ids, scored.scores, missing)
 
 
 class CovisitSource:

@@ -43,9 +43,8 @@ def run_demo(workdir: Path, data: Path | None, host: str, port: int, keep_servin
     if (bundles / "CURRENT").exists():
         print(f"[2/4] using the bundle already published in {bundles} (delete it to rebuild)", flush=True)
     else:
-        from exporter.pipeline import run_export
-
         from exporter.config import ExportConfig
+        from exporter.pipeline import run_export
 
         print(f"[2/4] exporting a bundle from {data} into {bundles}", flush=True)
         run_export(ExportConfig(), data, bundles, progress=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,8 +45,8 @@ def test_merged_shards_equal_the_unsharded_top_k(processes: tuple[RetrievalProce
         history = [f"i{i:03d}" for i in rng.choice(np.arange(1, N_ITEMS + 1), size=n % 6 + 1)]
         exclude = [f"i{i:03d}" for i in rng.choice(np.arange(1, N_ITEMS + 1), size=n * 40)]
         k = [1, 10, 100, 999][n % 4]
-        want = single.result(single.search_future(history, k, exclude, "", 5))
-        got = sharded.result(sharded.search_future(history, k, exclude, "", 5))
+        want = single.search(history, k, exclude, "", 5)
+        got = sharded.search(history, k, exclude, "", 5)
         assert got.item_ids == want.item_ids
         assert got.scores == want.scores  # exactly, not approximately
         assert got.bundle_version == want.bundle_version
@@ -67,3 +68,26 @@ def test_stack_serves_through_shards(tmp_path: Path) -> None:
         assert len(body["items"]) == 10 and not body["degraded"], body
         health = httpx.get(f"{stack.http_url}/healthz", timeout=10)
         assert health.status_code == 200 and health.json()["services"]["retrieval"] is True
+
+
+def test_a_dead_shard_gives_partial_answers_within_budget_never_errors(tmp_path: Path) -> None:
+    bundles = tmp_path / "bundles"
+    make_bundle(bundles)
+    stack = Stack(bundles, tmp_path / "state", http_port=0, grpc_port=0, shards=2)
+    with stack, httpx.Client(base_url=stack.http_url, timeout=10) as client:
+        outcomes = []
+        for n in range(60):
+            if n == 20:
+                stack.procs["retrieval-1"].kill()
+                stack.procs["retrieval-1"].wait()
+            t = time.perf_counter()
+            reply = client.post("/v1/recommendations", json={"user_id": "u", "k": 10, "timeout_ms": 100})
+            outcomes.append((reply.status_code, (time.perf_counter() - t) * 1000, reply.json()))
+    assert all(status == 200 for status, _, _ in outcomes)
+    assert all(ms <= 100 + 15 for _, ms, _ in outcomes), max(ms for _, ms, _ in outcomes)
+    assert all(len(body["items"]) == 10 for _, _, body in outcomes)
+    before, after = outcomes[:20], outcomes[21:]
+    assert not any(body["partial"] for _, _, body in before)
+    for _, _, body in after:
+        assert body["partial"] and body["missing"][0]["stage"] == "ann shard 1/2", body["missing"]
+        assert "ann" in {s for item in body["items"] for s in item["sources"]}, "shard 0 still contributes"
