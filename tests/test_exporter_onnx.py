@@ -13,7 +13,14 @@ from exporter.config import ExportConfig
 from exporter.data import load_dataset
 from exporter.fit import build_item_tables
 from exporter.models import Ranker, TwoTower
-from exporter.onnx_export import export_ranker, export_user_tower, ranker_parity, session, user_tower_parity
+from exporter.onnx_export import (
+    export_ranker,
+    export_user_tower,
+    ranker_parity,
+    session,
+    ship_int8_if_harmless,
+    user_tower_parity,
+)
 from exporter.pipeline import parity_histories
 from exporter.sequences import Sequences, encode_items, item_vocabulary, last_histories
 from exporter.tables import genre_multi_hot
@@ -73,3 +80,29 @@ def test_ranker_parity_on_real_candidates(ml100k, tmp_path: Path) -> None:  # ty
     report = ranker_parity(ranker, path, feeds, tol=1e-4)
     assert report.rows >= 1000
     assert report.ok, report
+
+
+def test_int8_ships_only_when_its_measured_ndcg_drop_is_small(tmp_path: Path) -> None:
+    cfg = ExportConfig()
+    n_items, n_dense = 50, len(DENSE_FEATURES) + 3
+    torch.manual_seed(2)
+    ranker = Ranker(n_items, cfg.ranker_dim, cfg.history_len, n_dense, cfg.ranker_cross_layers, cfg.ranker_hidden)
+    rng = np.random.default_rng(0)
+    feed = {
+        "history": rng.integers(0, n_items + 1, size=(1, cfg.history_len)).astype(np.int64),
+        "candidates": rng.integers(1, n_items + 1, size=(1, 40)).astype(np.int64),
+        "dense": rng.normal(size=(1, 40, n_dense)).astype(np.float32),
+    }
+    path = tmp_path / "ranker.onnx"
+    export_ranker(ranker.eval(), path, cfg.history_len, n_dense, cfg.opset)
+    fp32_bytes = path.read_bytes()
+    for drops, kept in (({}, False), ({"loo": 0.001, "replay": 0.02}, False), ({"loo": 0.001, "replay": -0.002}, True)):
+        path.write_bytes(fp32_bytes)
+        report = ship_int8_if_harmless(path, feed, drops, max_drop=0.005)
+        assert report["int8"] is kept and report["ndcg_drop"] == drops
+        assert (path.read_bytes() == fp32_bytes) is not kept
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ranker.onnx"]
+    # The shipped int8 graph keeps the input schema and stays close to fp32 on these scores.
+    sess = session(path)
+    assert [i.name for i in sess.get_inputs()] == ["history", "candidates", "dense"]
+    assert report["max_abs_score_diff_int8_vs_fp32"] < 0.1
