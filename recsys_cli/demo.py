@@ -30,7 +30,9 @@ def _sample_items(bundles: Path) -> list[tuple[str, str]]:
     return [(catalog.item_ids[i], catalog.titles[i]) for i in picks]
 
 
-def run_demo(workdir: Path, data: Path | None, host: str, port: int, keep_serving: bool) -> int:
+def run_demo(
+    workdir: Path, data: Path | None, host: str, port: int, keep_serving: bool, config: Path | None = None
+) -> int:
     workdir = workdir.resolve()
     bundles = workdir / "bundles"
     if data is None:
@@ -47,7 +49,7 @@ def run_demo(workdir: Path, data: Path | None, host: str, port: int, keep_servin
         from exporter.pipeline import run_export
 
         print(f"[2/4] exporting a bundle from {data} into {bundles}", flush=True)
-        run_export(ExportConfig(), data, bundles, progress=True)
+        run_export(ExportConfig.from_json(config) if config else ExportConfig(), data, bundles, progress=True)
 
     print("[3/4] starting retrieval, ranking and the gateway", flush=True)
     with Stack(bundles, workdir / "state", host=host, http_port=port, grpc_port=0) as stack:

@@ -36,7 +36,9 @@ def _serve(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from recsys_cli.demo import run_demo
 
-    return run_demo(args.workdir, args.data, host=args.host, port=args.port, keep_serving=not args.exit)
+    return run_demo(
+        args.workdir, args.data, host=args.host, port=args.port, keep_serving=not args.exit, config=args.config
+    )
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -92,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--exit", action="store_true", help="stop after showing the sample answer")
+    p.add_argument("--config", type=Path, help="ExportConfig as JSON for the export step")
     p.set_defaults(func=_demo)
 
     data = sub.add_parser("data", help="data sets").add_subparsers(dest="data_command", required=True)

@@ -123,3 +123,19 @@ def test_events_persist_across_a_gateway_restart(exported: tuple[Path, SynthInfo
         after = recommend(s.http_url, "persistent")
         assert post_events(s.http_url, "persistent", members) == 0
     assert after == before and not set(after) & set(members)
+
+
+def test_the_main_job_command_runs_on_a_machine_with_no_data(tmp_path: Path) -> None:
+    """`recsys demo` makes its own data, exports, serves, shows an answer and how to query it."""
+    config = tmp_path / "export.json"
+    config.write_text(json.dumps({**FAST_EXPORT, "eval_protocols": []}))
+    data = tmp_path / "data"
+    generate(data, n_users=200, n_items=100, n_clusters=5, events_per_user=(10, 30), seed=3)
+    run = subprocess.run(
+        [sys.executable, "-m", "recsys_cli.main", "demo", "--workdir", str(tmp_path / "work"), "--data", str(data),
+         "--port", "0", "--exit", "--config", str(config)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "their next recommendations:" in run.stdout and '"items": [' in run.stdout
+    assert "curl -s http://127.0.0.1:" in run.stdout and "/v1/recommendations" in run.stdout
