@@ -49,7 +49,9 @@ def run_demo(
         from exporter.pipeline import run_export
 
         print(f"[2/4] exporting a bundle from {data} into {bundles}", flush=True)
-        run_export(ExportConfig.from_json(config) if config else ExportConfig(), data, bundles, progress=True)
+        # The demo evaluates on `loo` only, to show a first answer sooner; `recsys export` runs both protocols.
+        chosen = ExportConfig.from_json(config) if config else ExportConfig(eval_protocols=("loo",))
+        run_export(chosen, data, bundles, progress=True)
 
     print("[3/4] starting retrieval, ranking and the gateway", flush=True)
     with Stack(bundles, workdir / "state", host=host, http_port=port, grpc_port=0) as stack:
