@@ -24,6 +24,18 @@ class Candidate:
     sources: Sequence[str] = ()
 
 
+def source_mask(candidates: Sequence[Candidate]) -> npt.NDArray[np.float32]:
+    """(C, len(SOURCES)): 1 where a known source proposed the candidate; unknown source names are ignored.
+
+    One flat pass over all (candidate, source) pairs, no per-candidate loop.
+    """
+    mask = np.zeros((len(candidates), len(SOURCES)), dtype=np.float32)
+    rows = np.repeat(np.arange(len(candidates)), [len(c.sources) for c in candidates])
+    cols = np.fromiter((_SOURCE_COLUMN.get(s, -1) for c in candidates for s in c.sources), np.int64, rows.size)
+    mask[rows[cols >= 0], cols[cols >= 0]] = 1.0
+    return mask
+
+
 def _ort_session(path: str, threads: int) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -66,12 +78,7 @@ class Ranker:
             raise InvalidRequest("candidates", f"must hold 1..{self.max_candidates} items, got {len(candidates)}")
         history = self.catalog.known(recent_item_ids)
         cand = self.catalog.indices([c.item_id for c in candidates])
-        mask = np.zeros((len(candidates), len(SOURCES)), dtype=np.float32)
-        for row, c in enumerate(candidates):
-            for source in c.sources:
-                col = _SOURCE_COLUMN.get(source)
-                if col is not None:
-                    mask[row, col] = 1.0
+        mask = source_mask(candidates)
         scores = np.full(len(candidates), -np.inf, dtype=np.float32)
         known = cand > 0
         if not known.any():

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ranking_svc.core import Candidate, Ranker
+from ranking_svc.core import Candidate, Ranker, source_mask
 from recsys_common.bundle import open_bundle
 from recsys_common.errors import InvalidRequest
+from recsys_common.features import SOURCES
 from tests.bundle_factory import item_embeddings
 
 
@@ -46,3 +47,13 @@ def test_empty_history_is_served(ranker: Ranker) -> None:
 def test_candidate_count_is_bounded(ranker: Ranker, n: int) -> None:
     with pytest.raises(InvalidRequest, match="candidates"):
         ranker.rank(["i001"], [Candidate("i002")] * n)
+
+
+def test_source_mask_marks_each_known_source_and_ignores_unknown_ones() -> None:
+    candidates = [Candidate("a", ("ann", "covisit")), Candidate("b", ()), Candidate("c", ("popular", "new-source"))]
+    mask = source_mask(candidates)
+    expected = np.zeros((3, len(SOURCES)), dtype=np.float32)
+    expected[0, [SOURCES.index("ann"), SOURCES.index("covisit")]] = 1
+    expected[2, SOURCES.index("popular")] = 1
+    np.testing.assert_array_equal(mask, expected)
+    assert source_mask([]).shape == (0, len(SOURCES))
