@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.hedging import Hedger
 from protos.recsys.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
+from recsys_common.logs import outgoing_metadata
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,8 @@ class RetrievalClient:
             exclude_context=False,
             bundle_version=bundle_version,
         )
-        reply = self.hedger.call(lambda t: self.stub.Search.future(request, timeout=t), timeout_s)
+        metadata = outgoing_metadata()
+        reply = self.hedger.call(lambda t: self.stub.Search.future(request, timeout=t, metadata=metadata), timeout_s)
         assert isinstance(reply, retrieval_pb2.SearchResponse)
         return Scored([i.item_id for i in reply.items], [i.score for i in reply.items], reply.bundle_version)
 
@@ -88,7 +91,10 @@ class ShardedRetrievalClient:
         self, recent_item_ids: Sequence[str], k: int, exclude: Sequence[str], bundle_version: str, timeout_s: float
     ) -> Scored:
         calls = [
-            self._pool.submit(s.search, recent_item_ids, k, exclude, bundle_version, timeout_s) for s in self.shards
+            self._pool.submit(
+                contextvars.copy_context().run, s.search, recent_item_ids, k, exclude, bundle_version, timeout_s
+            )
+            for s in self.shards
         ]
         parts: list[Scored] = []
         missing: list[tuple[str, str]] = []
@@ -146,7 +152,7 @@ class RankingClient:
             candidates=[ranking_pb2.Candidate(item_id=i, sources=s) for i, s in candidates],
             bundle_version=bundle_version,
         )
-        reply: ranking_pb2.RankResponse = self.stub.Rank(request, timeout=timeout_s)
+        reply: ranking_pb2.RankResponse = self.stub.Rank(request, timeout=timeout_s, metadata=outgoing_metadata())
         return list(reply.scores)
 
     def healthy(self, timeout_s: float) -> bool:

@@ -56,6 +56,8 @@ class GatewayConfig:
     # Slower than the services' 1 s, so the gateway usually moves last: retrieval and ranking keep
     # answering for the previous version, which the gateway pins until it swaps itself.
     poll_interval_s: float = 2.0
+    # SIGTERM: health NOT_SERVING at once, new connections refused, in-flight requests finish within this.
+    grace_s: float = 5.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -72,6 +74,7 @@ class GatewayConfig:
             "fanout_threads",
             "max_history",
             "health_timeout_ms",
+            "grace_s",
         ):
             check_positive(f"RECSYS_GATEWAY_{name.upper()}", getattr(self, name))
         for name in ("store_budget_share", "sources_budget_share"):

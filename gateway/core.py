@@ -12,6 +12,7 @@ The transports (rest.py, servicer.py) only convert and admit; every rule about r
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -25,6 +26,7 @@ import numpy as np
 
 from gateway.clients import RankingClient, RetrievalClient, ShardedRetrievalClient
 from gateway.config import GatewayConfig
+from gateway.metrics import EVENTS, OVERLOADED, record_answer, timed_store
 from gateway.privacy import Pseudonymizer
 from gateway.sources import (
     AnnSource,
@@ -135,6 +137,7 @@ class Admission:
     @contextmanager
     def slot(self) -> Iterator[None]:
         if not self._slots.acquire(blocking=False):
+            OVERLOADED.inc()
             raise Overloaded(f"the gateway is serving its limit of {self.max_inflight} requests; retry shortly")
         try:
             yield
@@ -192,6 +195,8 @@ class Recommender:
         self.ranking = ranking
         self.bundles = bundles
         self.admission = Admission(config.max_inflight)
+        # Set on SIGTERM: health turns NOT_SERVING while in-flight requests finish.
+        self.draining = threading.Event()
         self._pool = futures.ThreadPoolExecutor(max_workers=config.fanout_threads, thread_name_prefix="fanout")
         # Remote sources run in the pool; local (numpy) ones run inline while the remote calls fly.
         self.remote_sources: list[CandidateSource] = [
@@ -206,12 +211,17 @@ class Recommender:
     # -- events ---------------------------------------------------------------------------
     def track(self, events: Sequence[Event]) -> int:
         validate_events(events)
-        return self.store.append([self.pseudo.event(e) for e in events])
+        with timed_store("append"):
+            accepted = self.store.append([self.pseudo.event(e) for e in events])
+        EVENTS.labels("accepted").inc(accepted)
+        EVENTS.labels("duplicate").inc(len(events) - accepted)
+        return accepted
 
     def forget(self, user_id: str) -> int:
         """Erase everything stored for the user (events and dedupe keys); returns the events erased."""
         _check_id("user_id", user_id)
-        return self.store.forget(self.pseudo.user_key(user_id))
+        with timed_store("forget"):
+            return self.store.forget(self.pseudo.user_key(user_id))
 
     # -- recommendations --------------------------------------------------------------------
     def _budget_s(self, req: RecommendRequest, grpc_remaining_s: float | None) -> float:
@@ -220,12 +230,16 @@ class Recommender:
 
     def _read_history(self, user_id: str, deadline: float, missing: list[tuple[str, str]]) -> list[Event]:
         budget = (deadline - time.perf_counter()) * self.config.store_budget_share
-        future = self._pool.submit(self.store.recent, user_id, self.config.max_history)
+        future = self._pool.submit(self._recent, user_id)
         try:
             return future.result(timeout=max(budget, 0.0))
         except Exception as exc:  # a slow or failing store: answer as for a new user, and say so
             missing.append(("store", _reason(exc)))
             return []
+
+    def _recent(self, user_id: str) -> list[Event]:
+        with timed_store("recent"):
+            return self.store.recent(user_id, self.config.max_history)
 
     def _run_sources(
         self,
@@ -245,7 +259,8 @@ class Recommender:
             finally:
                 timings[source.name] = (time.perf_counter() - t) * 1000
 
-        pending = {self._pool.submit(timed, s): s.name for s in self.remote_sources}
+        # Each remote call runs in a copy of this request's context, so it carries the request id downstream.
+        pending = {self._pool.submit(contextvars.copy_context().run, timed, s): s.name for s in self.remote_sources}
         results: list[SourceResult] = []
         for source in view.local_sources:
             try:
@@ -355,6 +370,7 @@ class Recommender:
                 RecommendedItem(item_id, final[item_id], tuple(merged[item_id]), view.catalog.title_of(item_id), stage)
             )
         timings["total"] = (time.perf_counter() - started) * 1000
+        record_answer(timings, missing, degraded)
         if degraded or missing:
             log.warning("answer partial=%s degraded=%r missing=%s", bool(missing), degraded, missing)
         return Recommendation(
@@ -369,7 +385,7 @@ class Recommender:
     def ready(self) -> dict[str, bool]:
         timeout_s = self.config.health_timeout_ms / 1000
         return {
-            "gateway": True,
+            "gateway": not self.draining.is_set(),
             "retrieval": self.retrieval.healthy(timeout_s),
             "ranking": self.ranking.healthy(timeout_s),
         }

@@ -12,13 +12,15 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.core import MAX_EVENTS, MAX_ID_LEN, MAX_K, MAX_TIMEOUT_MS, MAX_TIMESTAMP, Recommender, RecommendRequest
 from gateway.limits import BodySizeLimit
+from gateway.metrics import RestTelemetry
 from gateway.store import Event
 from recsys_common.errors import InvalidRequest, Overloaded, RecsysError
 
@@ -151,6 +153,7 @@ def create_app(recommender: Recommender, on_ready: Callable[[], None] | None = N
         lifespan=lifespan,
     )
     app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(RestTelemetry)  # outermost: counts and ids every request, refused ones too
 
     @app.exception_handler(RecsysError)
     async def recsys_error(_: Request, err: RecsysError) -> JSONResponse:
@@ -176,6 +179,11 @@ def create_app(recommender: Recommender, on_ready: Callable[[], None] | None = N
         ok = all(services.values())
         body = {"status": "ok" if ok else "unavailable", "bundle_version": recommender.version, "services": services}
         return JSONResponse(status_code=200 if ok else 503, content=body)
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        """Prometheus text format: requests and latency per route and RPC, stages, partial/degraded answers."""
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/events", response_model=EventsOut, responses=ERRORS)
     def post_events(body: EventsIn) -> EventsOut:

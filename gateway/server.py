@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import signal
 import socket
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 
@@ -20,6 +23,7 @@ from gateway.servicer import GatewayServicer
 from gateway.store import open_store
 from protos.recsys.v1 import gateway_pb2, gateway_pb2_grpc
 from recsys_common.grpc_server import announce, create_server, set_serving
+from recsys_common.logs import setup_logging
 from recsys_common.snapshot import SnapshotHolder
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
@@ -77,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port-file", type=Path, help="write the bound REST port here once serving")
     parser.add_argument("--grpc-port-file", type=Path, help="write the bound gRPC port here once serving")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s gateway %(levelname)s %(message)s")
+    setup_logging("gateway")
     overrides = {
         "bundles_dir": args.bundles,
         "state": args.state,
@@ -101,10 +105,39 @@ def main(argv: Sequence[str] | None = None) -> None:
     sock = _bind(config.host, config.http_port)
     http_port = sock.getsockname()[1]
     app = create_app(recommender, on_ready=lambda: announce("gateway", http_port, args.port_file))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
+    grpc_stopped: list[threading.Event] = []
+
+    def drain() -> None:
+        """First SIGTERM/SIGINT: NOT_SERVING at once on both transports; gRPC refuses new calls, finishes the rest."""
+        if not grpc_stopped:
+            log.info("draining: finishing in-flight requests for up to %.1f s", config.grace_s)
+            recommender.draining.set()
+            health.enter_graceful_shutdown()
+            grpc_stopped.append(grpc_server.stop(config.grace_s))
+
+    uv_config = uvicorn.Config(
+        app, log_config=None, access_log=False, timeout_graceful_shutdown=max(1, round(config.grace_s))
+    )
+    server = DrainingServer(uv_config, drain)
+    # uvicorn restores these handlers after its shutdown and re-raises the signal it caught: it then lands
+    # here (a no-op once drained), so the process goes on to finish gRPC and exits 0 instead of dying by it.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: drain())
     try:
-        server.run(sockets=[sock])  # returns after SIGINT/SIGTERM, handled by uvicorn
+        server.run(sockets=[sock])  # returns once in-flight REST requests are done (or the grace period ended)
     finally:
-        health.enter_graceful_shutdown()
-        grpc_server.stop(5).wait()
+        drain()
+        grpc_stopped[0].wait()
         recommender.close()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with a hook that runs as soon as the stop signal arrives (uvicorn itself then drains REST)."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.on_exit()
+        super().handle_exit(sig, frame)

@@ -24,9 +24,13 @@ class RankingConfig:
     # Fault drills: added latency on every Rank call (0 = off). Lets a test or a game day show how
     # the gateway answers when ranking is late, against the real process.
     fault_delay_ms: int = 0
+    # Prometheus /metrics on this HTTP port (0 = off).
+    metrics_port: int = 0
+    # SIGTERM: report NOT_SERVING at once, then let in-flight requests finish for up to this long.
+    grace_s: float = 5.0
 
     def __post_init__(self) -> None:
-        for name in ("max_workers", "intra_op_threads", "max_candidates"):
+        for name in ("max_workers", "intra_op_threads", "max_candidates", "grace_s"):
             check_positive(f"RECSYS_RANKING_{name.upper()}", getattr(self, name))
 
     @classmethod

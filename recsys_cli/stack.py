@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -20,10 +21,17 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 
 class StackError(RuntimeError):
     pass
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 class Stack:
@@ -37,6 +45,8 @@ class Stack:
         ready_timeout_s: float = 120.0,
         env: dict[str, str] | None = None,
         shards: int = 1,
+        log_dir: Path | None = None,
+        metrics: bool = False,
     ) -> None:
         self.bundles_dir = Path(bundles_dir).resolve()
         self.state = str(state)
@@ -49,6 +59,12 @@ class Stack:
         # With shards > 1, retrieval runs as n processes "retrieval-0".."retrieval-{n-1}" (`--shard i/n`).
         self.shards = shards
         self.env = {**os.environ, **(env or {})}
+        # When set, each child's stderr (its JSON log) goes to log_dir/<name>.log instead of ours.
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self._logs: list[IO[bytes]] = []
+        # With metrics, retrieval and ranking serve /metrics on a free port each (the gateway always does, on REST).
+        self.metrics_ports: dict[str, int] = {}
+        self._metrics = metrics
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="recsys-stack-")
         self.ports: dict[str, int] = {}
@@ -68,7 +84,15 @@ class Stack:
     def _spawn(self, name: str, module: str, *args: str) -> None:
         port_file = Path(self._tmp.name) / f"{name}.port"
         cmd = [sys.executable, "-m", module, "--port-file", str(port_file), *args]
-        self.procs[name] = subprocess.Popen(cmd, env=self.env)
+        if self._metrics and module != "gateway":
+            self.metrics_ports[name] = _free_port(self.host)
+            cmd += ["--metrics-port", str(self.metrics_ports[name])]
+        stderr = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            stderr = (self.log_dir / f"{name}.log").open("ab")
+            self._logs.append(stderr)
+        self.procs[name] = subprocess.Popen(cmd, env=self.env, stderr=stderr)
 
     def _wait_port(self, name: str, deadline: float) -> int:
         port_file = Path(self._tmp.name) / f"{name}.port"
@@ -139,6 +163,8 @@ class Stack:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        for f in self._logs:
+            f.close()
         self._tmp.cleanup()
 
     def _retrieval_names(self) -> list[tuple[str, str]]:

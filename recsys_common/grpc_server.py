@@ -18,6 +18,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from recsys_common.errors import RecsysError
+from recsys_common.logs import setup_logging
+from recsys_common.metrics import ServerTelemetry, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ def create_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
         options=[("grpc.max_receive_message_length", 32 << 20), ("grpc.so_reuseport", 0)],
+        interceptors=[ServerTelemetry()],
     )
     for add in register:
         add(server)
@@ -106,7 +109,7 @@ def service_main(
     """The `python -m <service>` entry point every gRPC service shares.
 
     config is the service's frozen config (already read from the environment); the flags
-    --bundles/--host/--port override its bundles_dir/host/port fields.
+    --bundles/--host/--port/--metrics-port override its bundles_dir/host/port/metrics_port fields.
     """
     env = type(config).__name__.removesuffix("Config").upper()
     parser = argparse.ArgumentParser(prog=f"python -m {name}_svc")
@@ -114,9 +117,11 @@ def service_main(
     parser.add_argument("--host", help=f"bind address (RECSYS_{env}_HOST)")
     parser.add_argument("--port", type=int, help=f"port, 0 = any free one (RECSYS_{env}_PORT)")
     parser.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    parser.add_argument("--metrics-port", type=int, help=f"/metrics port, 0 = off (RECSYS_{env}_METRICS_PORT)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
-    overrides = {"bundles_dir": args.bundles, "host": args.host, "port": args.port}
+    setup_logging(name)
+    overrides = {"bundles_dir": args.bundles, "host": args.host, "port": args.port, "metrics_port": args.metrics_port}
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     server, port, health_servicer = build(config)
-    serve_until_signal(name, server, port, health_servicer, service_names, args.port_file)
+    serve_metrics(config.host, config.metrics_port)
+    serve_until_signal(name, server, port, health_servicer, service_names, args.port_file, config.grace_s)

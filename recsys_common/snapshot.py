@@ -28,6 +28,7 @@ from typing import Generic, TypeVar
 
 from recsys_common.bundle import Bundle, current_version, open_bundle
 from recsys_common.errors import BundleMismatch, BundleUnavailable, RecsysError
+from recsys_common.metrics import BUNDLE_REFUSED, BUNDLE_SWAPS, set_bundle_version
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ class SnapshotHolder(Generic[T]):
                     raise
                 reason = str(err) if isinstance(err, RecsysError) else f"{type(err).__name__}: {err}"
                 self._refused[version] = reason
+                BUNDLE_REFUSED.labels(self.name).inc()
                 log.error("%s: refused bundle %s: %s; still serving %s", self.name, version, reason, self._version)
                 return False
             self._swap(version, snapshot)
@@ -151,6 +153,8 @@ class SnapshotHolder(Generic[T]):
             self._version = version
             self.swaps += 1
         del snapshot
+        set_bundle_version(self.name, version, old)
+        BUNDLE_SWAPS.labels(self.name).inc()
         log.info("%s: now serving bundle %s (was %s)", self.name, version, old)
         for callback in self.on_swap:
             callback(version)

@@ -44,6 +44,8 @@ class RetrievalConfig:
     # gRPC message limits: requests are small (ids, one vector); answers hold up to max_batch_items items.
     max_receive_bytes: int = 4 << 20
     max_send_bytes: int = 16 << 20
+    # Prometheus /metrics on this HTTP port (0 = off).
+    metrics_port: int = 0
     # SIGTERM: report NOT_SERVING at once, then let in-flight requests finish for up to this long.
     grace_s: float = 5.0
 

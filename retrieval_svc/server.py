@@ -29,6 +29,8 @@ from grpc_reflection.v1alpha import reflection
 from protos.recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
 from recsys_common.bundle import Bundle
 from recsys_common.grpc_server import announce, set_serving
+from recsys_common.logs import setup_logging
+from recsys_common.metrics import ServerTelemetry, serve_metrics
 from recsys_common.snapshot import SnapshotHolder
 from retrieval_svc.ann import FilterPolicy, Shard
 from retrieval_svc.config import RetrievalConfig
@@ -81,6 +83,7 @@ def build(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="retrieval"),
         options=channel_options(config),
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        interceptors=[ServerTelemetry()],
     )
     retrieval_pb2_grpc.add_RetrievalServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
@@ -106,6 +109,7 @@ def serve(config: RetrievalConfig, port_file: Path | None = None) -> int:
         log.error("cannot serve bundle from %s: %s", config.bundles_dir, err)
         server.stop(0).wait()
         return 1
+    serve_metrics(config.host, config.metrics_port)
     set_serving(health_servicer, [SERVICE_NAME], True)
     log.info("serving bundle %s, shard %s, on port %d", holder.version, config.shard, port)
     announce(f"retrieval[{config.shard}]", port, port_file)
@@ -128,9 +132,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--poll-interval-s", type=float, help="check CURRENT this often, 0 = never (RECSYS_RETRIEVAL_POLL_INTERVAL_S)"
     )
+    parser.add_argument("--metrics-port", type=int, help="/metrics port, 0 = off (RECSYS_RETRIEVAL_METRICS_PORT)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s retrieval %(levelname)s %(message)s")
+    setup_logging("retrieval")
     overrides = {
+        "metrics_port": args.metrics_port,
         "bundles_dir": args.bundles,
         "host": args.host,
         "port": args.port,
