@@ -82,12 +82,12 @@ def main() -> None:
             t = time.perf_counter()
             retrieval.Search(retrieval_pb2.SearchRequest(context=context, k=200, exclude_context=True), timeout=5)
             results["retrieval"].append((time.perf_counter() - t) * 1000)
-            cands = [
-                ranking_pb2.Candidate(item_id=i, sources=["ann"])
-                for i in rng.sample(catalog.item_ids, min(args.candidates, len(catalog)))
-            ]
+            cands = rng.sample(catalog.item_ids, min(args.candidates, len(catalog)))
+            request = ranking_pb2.RankRequest(
+                context=context, item_ids=cands, source_bits=[1] * len(cands), source_names=["ann"]
+            )
             t = time.perf_counter()
-            ranking.Rank(ranking_pb2.RankRequest(context=context, candidates=cands), timeout=5)
+            ranking.Rank(request, timeout=5)
             results["ranking"].append((time.perf_counter() - t) * 1000)
 
     summary = {kind: percentiles(ms) for kind, ms in results.items()}

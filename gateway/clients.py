@@ -143,13 +143,18 @@ class RankingClient:
     def rank(
         self,
         recent_item_ids: Sequence[str],
-        candidates: Sequence[tuple[str, Sequence[str]]],
+        item_ids: Sequence[str],
+        source_bits: Sequence[int],
+        source_names: Sequence[str],
         bundle_version: str,
         timeout_s: float,
     ) -> list[float]:
+        """Scores aligned with item_ids; bit j of source_bits[i] says source_names[j] proposed item_ids[i]."""
         request = ranking_pb2.RankRequest(
             context=common_pb2.UserContext(recent_item_ids=recent_item_ids),
-            candidates=[ranking_pb2.Candidate(item_id=i, sources=s) for i, s in candidates],
+            item_ids=item_ids,
+            source_bits=source_bits,
+            source_names=source_names,
             bundle_version=bundle_version,
         )
         reply: ranking_pb2.RankResponse = self.stub.Rank(request, timeout=timeout_s, metadata=outgoing_metadata())

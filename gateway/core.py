@@ -347,8 +347,11 @@ class Recommender:
             degraded = "ranking skipped: budget spent before ranking"
         else:
             try:
-                pairs = [(item_id, tuple(merged[item_id])) for item_id in candidates]
-                ranker_scores = np.asarray(self.ranking.rank(recent_ids, pairs, view.version, remaining))
+                names = self.config.source_priority
+                bit = {name: 1 << j for j, name in enumerate(names)}
+                bits = [sum(bit.get(s, 0) for s in merged[item_id]) for item_id in candidates]
+                scores = self.ranking.rank(recent_ids, candidates, bits, names, view.version, remaining)
+                ranker_scores = np.asarray(scores)
             except grpc.RpcError as exc:
                 degraded = f"ranking failed: {_reason(exc)}"
         timings["ranking"] = (time.perf_counter() - t) * 1000
@@ -381,6 +384,15 @@ class Recommender:
             degraded=degraded,
             timings_ms={k: round(v, 3) for k, v in timings.items()} if req.debug else {},
         )
+
+    def warm_up(self, rounds: int = 2) -> None:
+        """Run a few requests for a user nobody has, so the first real request finds the thread pools
+        started, the channels connected and every code path loaded. Failures are fine here."""
+        for _ in range(rounds):
+            try:
+                self.recommend(RecommendRequest(user_id="\x00warm-up", k=10, timeout_ms=1000))
+            except Exception as exc:
+                log.info("warm-up request failed (%s); serving anyway", _reason(exc))
 
     def ready(self) -> dict[str, bool]:
         timeout_s = self.config.health_timeout_ms / 1000

@@ -93,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     config = dataclasses.replace(GatewayConfig.from_env(), **{k: v for k, v in overrides.items() if v is not None})
     recommender = build_recommender(config)
+    recommender.warm_up()
 
     servicer = GatewayServicer(recommender)
     grpc_server, grpc_port, health = create_server(

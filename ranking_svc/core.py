@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -18,22 +18,45 @@ _SOURCE_COLUMN = {name: i for i, name in enumerate(SOURCES)}
 _ONNX_DTYPE = {"float32": "float", "float64": "double"}  # numpy names -> ONNX Runtime's type names
 
 
+MAX_SOURCE_NAMES = 32
+
+
 @dataclass(frozen=True)
-class Candidate:
-    item_id: str
-    sources: Sequence[str] = ()
+class Candidates:
+    """Candidates as columns, as they travel in RankRequest: bit j of source_bits[i] means source_names[j]
+    proposed item_ids[i]. source_bits may be empty (no source known for any candidate)."""
 
+    item_ids: Sequence[str]
+    source_bits: npt.NDArray[np.uint32] = field(default_factory=lambda: np.zeros(0, np.uint32))
+    source_names: Sequence[str] = ()
 
-def source_mask(candidates: Sequence[Candidate]) -> npt.NDArray[np.float32]:
-    """(C, len(SOURCES)): 1 where a known source proposed the candidate; unknown source names are ignored.
+    @classmethod
+    def of(cls, pairs: Sequence[tuple[str, Sequence[str]]]) -> Candidates:
+        """From (item id, its sources) pairs, with the names in order of first use."""
+        names = list(dict.fromkeys(s for _, sources in pairs for s in sources))
+        bit = {name: 1 << j for j, name in enumerate(names)}
+        bits = np.fromiter((sum(bit[s] for s in set(sources)) for _, sources in pairs), np.uint32, len(pairs))
+        return cls([item_id for item_id, _ in pairs], bits, names)
 
-    One flat pass over all (candidate, source) pairs, no per-candidate loop.
-    """
-    mask = np.zeros((len(candidates), len(SOURCES)), dtype=np.float32)
-    rows = np.repeat(np.arange(len(candidates)), [len(c.sources) for c in candidates])
-    cols = np.fromiter((_SOURCE_COLUMN.get(s, -1) for c in candidates for s in c.sources), np.int64, rows.size)
-    mask[rows[cols >= 0], cols[cols >= 0]] = 1.0
-    return mask
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def source_mask(self) -> npt.NDArray[np.float32]:
+        """(C, len(SOURCES)): 1 where a source the ranker knows proposed the candidate; other names are ignored."""
+        bits = np.asarray(self.source_bits, dtype=np.uint32).reshape(-1)
+        if bits.size not in (0, len(self.item_ids)):
+            raise InvalidRequest("source_bits", f"must be empty or hold one entry per item id, got {bits.size}")
+        if len(self.source_names) > MAX_SOURCE_NAMES:
+            raise InvalidRequest("source_names", f"must hold at most {MAX_SOURCE_NAMES} names")
+        if bits.size and int(np.bitwise_or.reduce(bits)) >> len(self.source_names):
+            raise InvalidRequest("source_bits", f"set a bit beyond the {len(self.source_names)} source_names")
+        mask = np.zeros((len(self.item_ids), len(SOURCES)), dtype=np.float32)
+        if bits.size:
+            for j, name in enumerate(self.source_names):
+                column = _SOURCE_COLUMN.get(name)
+                if column is not None:
+                    mask[:, column] = np.maximum(mask[:, column], (bits >> j) & 1)
+        return mask
 
 
 def _ort_session(path: str, threads: int) -> ort.InferenceSession:
@@ -70,15 +93,15 @@ class Ranker:
 
     def _warm_up(self) -> None:
         ids = self.catalog.item_ids[:200]
-        self.rank(ids[:1], [Candidate(i, ("ann",)) for i in ids])
+        self.rank(ids[:1], Candidates.of([(i, ("ann",)) for i in ids]))
 
-    def rank(self, recent_item_ids: Sequence[str], candidates: Sequence[Candidate]) -> npt.NDArray[np.float32]:
-        """Scores aligned with candidates; candidates the bundle does not know score -inf."""
+    def rank(self, recent_item_ids: Sequence[str], candidates: Candidates) -> npt.NDArray[np.float32]:
+        """Scores aligned with candidates.item_ids; items the bundle does not know score -inf."""
         if not 1 <= len(candidates) <= self.max_candidates:
-            raise InvalidRequest("candidates", f"must hold 1..{self.max_candidates} items, got {len(candidates)}")
+            raise InvalidRequest("item_ids", f"must hold 1..{self.max_candidates} items, got {len(candidates)}")
+        mask = candidates.source_mask()
         history = self.catalog.known(recent_item_ids)
-        cand = self.catalog.indices([c.item_id for c in candidates])
-        mask = source_mask(candidates)
+        cand = self.catalog.indices(candidates.item_ids)
         scores = np.full(len(candidates), -np.inf, dtype=np.float32)
         known = cand > 0
         if not known.any():

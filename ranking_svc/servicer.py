@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 
 import grpc
+import numpy as np
 
 from protos.recsys.v1 import ranking_pb2, ranking_pb2_grpc
-from ranking_svc.core import Candidate, Ranker
+from ranking_svc.core import Candidates, Ranker
 from recsys_common.grpc_server import map_errors
 from recsys_common.snapshot import SnapshotHolder
 
@@ -22,6 +23,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
         if self.fault_delay_s:
             time.sleep(self.fault_delay_s)
         ranker = self.holder.get(request.bundle_version)  # one snapshot for the whole request
-        candidates = [Candidate(c.item_id, tuple(c.sources)) for c in request.candidates]
-        scores = ranker.rank(tuple(request.context.recent_item_ids), candidates)
+        candidates = Candidates(
+            list(request.item_ids), np.asarray(request.source_bits, dtype=np.uint32), list(request.source_names)
+        )
+        scores = ranker.rank(list(request.context.recent_item_ids), candidates)
         return ranking_pb2.RankResponse(scores=scores.tolist(), bundle_version=ranker.version)

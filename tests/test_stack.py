@@ -188,7 +188,9 @@ def test_retrieval_and_ranking_speak_grpc(stack: Stack) -> None:
         ranked = ranking_pb2_grpc.RankingStub(channel).Rank(
             ranking_pb2.RankRequest(
                 context=common_pb2.UserContext(recent_item_ids=["i001"]),
-                candidates=[ranking_pb2.Candidate(item_id=i, sources=["ann"]) for i in ("i002", "i003")],
+                item_ids=["i002", "i003"],
+                source_bits=[1, 1],
+                source_names=["ann"],
             ),
             timeout=5,
         )

@@ -7,23 +7,19 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class Candidate(_message.Message):
-    __slots__ = ("item_id", "sources")
-    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
-    SOURCES_FIELD_NUMBER: _ClassVar[int]
-    item_id: str
-    sources: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, item_id: _Optional[str] = ..., sources: _Optional[_Iterable[str]] = ...) -> None: ...
-
 class RankRequest(_message.Message):
-    __slots__ = ("context", "candidates", "bundle_version")
+    __slots__ = ("context", "bundle_version", "item_ids", "source_bits", "source_names")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
-    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_BITS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_NAMES_FIELD_NUMBER: _ClassVar[int]
     context: _common_pb2.UserContext
-    candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
     bundle_version: str
-    def __init__(self, context: _Optional[_Union[_common_pb2.UserContext, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., bundle_version: _Optional[str] = ...) -> None: ...
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    source_bits: _containers.RepeatedScalarFieldContainer[int]
+    source_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, context: _Optional[_Union[_common_pb2.UserContext, _Mapping]] = ..., bundle_version: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ..., source_bits: _Optional[_Iterable[int]] = ..., source_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RankResponse(_message.Message):
     __slots__ = ("scores", "bundle_version")
