@@ -329,3 +329,129 @@ def check_recall_floor(report: RecallReport, floor: float | None = None) -> Reca
     passed = report.recall >= floor
     reason = "" if passed else f"recall@{report.k} {report.recall:.4f} is below the floor {floor}"
     return replace(report, floor=floor, passed=passed, reason=reason)
+
+
+def sweep(item_emb: F32, user_vecs: F32, policy: IndexPolicy, latency_queries: int = 200) -> list[dict[str, Any]]:
+    """Recall@k against exact search and single-query latency of Flat, HNSW and IVF over their search grids.
+
+    For the evaluation report's recall-against-latency plot: it builds every index type whatever the catalogue
+    size, so call it only where building them is cheap. Latency is the median of one-query searches (a
+    serving request searches one user) on one thread; recall is over up to policy.max_queries queries.
+    """
+    vecs = np.ascontiguousarray(item_emb[1:], dtype=np.float32)
+    n, _ = vecs.shape
+    queries = np.ascontiguousarray(user_vecs[: policy.max_queries], dtype=np.float32)
+    k = min(policy.k, n)
+    _, truth = exact_topk(vecs, queries, k)
+    timed = queries[:latency_queries]
+    points: list[dict[str, Any]] = []
+    for spec in (flat_spec(), hnsw_spec(policy), ivf_spec(n)):
+        index = build_index(vecs, spec, seed=policy.seed)
+        if spec.type == "Flat":
+            grid: list[tuple[str | None, int]] = [(None, 0)]
+        elif spec.type == "HNSW":
+            grid = [("efSearch", v) for v in policy.ef_search_grid]
+        else:
+            grid = [("nprobe", v) for v in policy.nprobe_grid if v <= spec.params["nlist"]] or [
+                ("nprobe", spec.params["nlist"])
+            ]
+        for name, value in grid:
+            tuned = spec.with_params(**{name: value}) if name else spec
+            recall = measure_recall(index, tuned, queries, truth)
+            params = search_params(tuned.type, tuned.params)
+            times = []
+            with _one_omp_thread():
+                for q in timed:
+                    t = time.perf_counter()
+                    index.search(q[None], k, params=params)
+                    times.append(time.perf_counter() - t)
+            points.append(
+                {
+                    "type": spec.type,
+                    "factory": spec.factory,
+                    "param": {name: value} if name else None,
+                    "recall": round(recall, 5),
+                    "latency_ms_p50": round(float(np.median(times)) * 1e3, 4),
+                }
+            )
+    return points
+
+
+# -- retrieval shards -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardBuild:
+    """One retrieval shard's index, built as retrieval_svc builds it, and its recall@k against exact search."""
+
+    shard: int
+    count: int
+    ntotal: int
+    k: int
+    n_queries: int
+    recall: float
+    index: npt.NDArray[np.uint8]  # faiss.serialize_index of the shard's index (search ids are item indices)
+
+    def load(self) -> faiss.Index:
+        return faiss.deserialize_index(self.index)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"shard": f"{self.shard}/{self.count}", "ntotal": self.ntotal, "recall": round(self.recall, 5)}
+
+
+def shard_items(n_items: int, shard: int, count: int) -> I64:
+    """Item indices (ascending) of shard ``shard`` of ``count``: j with (j - 1) % count == shard, as served."""
+    if not (count >= 1 and 0 <= shard < count):
+        raise ValueError(f"shard must be i/n with 0 <= i < n, got {shard}/{count}")
+    return np.arange(1 + shard, n_items + 1, count, dtype=np.int64)
+
+
+@contextlib.contextmanager
+def _one_omp_thread() -> Iterator[None]:
+    old = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(old)
+
+
+def build_shard(
+    shard: int,
+    count: int,
+    item_emb: F32,
+    spec: IndexSpec,
+    queries: F32,
+    k: int,
+    full: npt.NDArray[np.uint8] | None = None,
+) -> ShardBuild:
+    """Shard ``shard`` of ``count`` as retrieval_svc.ann.AnnIndex serves it, checked on queries (Q, D).
+
+    Flat and HNSW: a new index over the shard's vectors with the bundle's parameters (HNSW is built on one
+    OpenMP thread, which makes the graph reproducible; a service builds it multi-threaded, a graph of the same
+    quality). IVF: ``full`` (the serialized bundle index) with the other shards' items removed, so the coarse
+    quantizer is the bundle's. Recall@min(k, shard size) is measured with the bundle's search parameters.
+    """
+    n_items = item_emb.shape[0] - 1
+    ids = shard_items(n_items, shard, count)
+    if ids.size == 0:
+        raise ValueError(f"shard {shard}/{count} holds no item: {n_items} items cannot fill {count} shards")
+    vecs = np.ascontiguousarray(item_emb[ids], dtype=np.float32)
+    if spec.type == "IVF":
+        if full is None:
+            raise ValueError("build_shard: an IVF shard is cut from the full index; pass full=serialize_index(index)")
+        index = faiss.deserialize_index(full)
+        others = np.ones(n_items + 1, dtype=np.bool_)
+        others[ids] = False
+        bits = np.packbits(others, bitorder="little")
+        index.remove_ids(faiss.IDSelectorBitmap(n_items + 1, faiss.swig_ptr(bits)))
+    else:
+        with _one_omp_thread():
+            index = build_index(vecs, spec, ids=ids)
+    k = min(k, ids.size)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    _, local = exact_topk(vecs, queries, k)
+    truth = np.where(local > 0, ids[np.clip(local - 1, 0, None)], -1)
+    _, found = index.search(queries, k, params=search_params(spec.type, spec.params))
+    recall = recall_at_k(found, truth)
+    return ShardBuild(shard, count, int(index.ntotal), k, len(queries), recall, faiss.serialize_index(index))

@@ -76,9 +76,40 @@ class ExportConfig:
     parity_tol: float = 1e-4
     # Refuse to publish when the chosen FAISS index's recall@100 against exact search is below this.
     index_recall_floor: float = 0.95
+    # Index candidates: exact search up to this many items (IndexPolicy.exact_max_items); None = no size limit
+    # on the index's memory (IndexPolicy.memory_budget_bytes).
+    index_exact_max_items: int = 50_000
+    index_memory_budget_bytes: int | None = None
     opset: int = 18
 
+    # Reference models evaluated beside the project's under each protocol (exporter/baselines.py); most_pop is
+    # always evaluated. ALS is the `implicit` library's, seeded with `seed`.
+    baselines: tuple[str, ...] = ("itemknn", "ease", "als")
+    knn_neighbours: int = 100
+    ease_lambda: float = 500.0
+    als_factors: int = 64
+    als_regularization: float = 0.05
+    als_alpha: float = 10.0
+    als_iterations: int = 20
+
+    # Publish only if the project (two_tower+ranker) beats most_pop by more than the margin on HR@k and NDCG@k
+    # under every evaluated protocol.
+    gate_beat_most_pop: bool = True
+    gate_most_pop_margin: float = 0.0
+    # Bundle versions kept in the bundles directory after a publish (CURRENT and the one before are never removed).
+    keep_versions: int = 5
+
     def __post_init__(self) -> None:
+        bad = [b for b in self.baselines if b not in ("itemknn", "ease", "als")]
+        if bad:
+            raise ValueError(f"baselines: unknown baseline(s) {bad}; choose from ['itemknn', 'ease', 'als']")
+        if self.keep_versions < 1:
+            raise ValueError(f"keep_versions must be >= 1, got {self.keep_versions!r}")
+        if self.gate_most_pop_margin < 0:
+            raise ValueError(f"gate_most_pop_margin must be >= 0, got {self.gate_most_pop_margin!r}")
+        from exporter.baselines import BaselineSettings
+
+        BaselineSettings.from_config(self)  # names the bad knn_/ease_/als_ field
         unknown = [p for p in self.eval_protocols if p not in PROTOCOLS]
         if unknown:
             raise ValueError(f"eval_protocols: unknown protocol(s) {unknown}; choose from {list(PROTOCOLS)}")

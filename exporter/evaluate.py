@@ -11,18 +11,22 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import onnxruntime as ort
 
+from exporter.baselines import BaselineSettings, evaluate_baselines, train_matrix
 from exporter.candidates import CandidatePlan, serving_candidates
 from exporter.config import ExportConfig
 from exporter.data import Dataset
+from exporter.distributed import ModelWeights, current_executor, user_vectors_of
 from exporter.fit import Fitted, fit_models
 from exporter.metrics import summarize
-from exporter.onnx_export import export_ranker, ort_ranker_scores, quantize_ranker, session
+from exporter.models import Ranker, UserTower
+from exporter.onnx_export import export_ranker, ort_ranker_scores, quantize_ranker
 from exporter.protocols import loo_split, replay_events, replay_split
 from exporter.sequences import Sequences, encode_items, item_vocabulary
 from exporter.tables import genre_multi_hot
-from exporter.train import ranker_scores, user_vectors
-from recsys_common.features import DENSE_FEATURES, pad_history, popular_candidates, ranker_feed
+from exporter.train import ranker_scores
+from recsys_common.features import DENSE_FEATURES, ItemTables, pad_history, popular_candidates, ranker_feed
 
 MODELS = ("most_pop", "two_tower", "two_tower+ranker")
 INT8 = "two_tower+ranker_int8"  # the same ranker as int8 ONNX, evaluated when config.ranker_int8
@@ -96,45 +100,86 @@ def evaluate_cases(
 ) -> dict[str, Any]:
     """HR@k, NDCG@k and coverage of each model on the same cases, plus the candidate plan's recall.
 
-    extra: more rankers of the same candidates (e.g. the int8 ONNX graph), reported under their names.
+    extra: more rankers of the same candidates (e.g. the int8 ONNX graph), reported under their names; they must
+    pickle when the current executor is Ray. Chunks of cases run on exporter.distributed.current_executor().
     """
-    k, tables = config.eval_k, fitted.tables
-    plan = CandidatePlan.from_config(config)
-    histories = cases.histories(config.history_len)
-    vecs = user_vectors(fitted.retriever, histories)
-    extra = extra or {}
-    tops: dict[str, list[I64]] = {m: [] for m in (*MODELS, *extra)}
-    in_candidates = 0
-    for s in range(0, len(cases.seen), chunk):
-        seen = cases.seen[s : s + chunk]
-        scores = vecs[s : s + chunk] @ tables.item_emb[1:].T
-        tops["two_tower"].append(_top_k_full(scores, seen, k))
-        cand_l, dense_l = [], []
-        for j, items in enumerate(seen):
-            exclude = np.unique(items)
-            tops["most_pop"].append(_pad_k(popular_candidates(tables, k, exclude)[0], k)[None])
-            cands, mask = serving_candidates(tables, items, vecs[s + j], plan)
-            in_candidates += int(np.isin(cases.targets[s + j], cands))
-            cand_l.append(cands)
-            dense_l.append(ranker_feed(tables, items, cands, mask, vecs[s + j])["dense"][0])
-        for cands, score in zip(
-            cand_l, ranker_scores(fitted.ranker, histories[s : s + chunk], cand_l, dense_l), strict=True
-        ):
-            tops["two_tower+ranker"].append(_pad_k(cands[np.argsort(-score, kind="stable")], k)[None])
-        for name, scorer in extra.items():
-            for cands, score in zip(cand_l, scorer(histories[s : s + chunk], cand_l, dense_l), strict=True):
-                tops[name].append(_pad_k(cands[np.argsort(-score, kind="stable")], k)[None])
-    n_items = tables.n_items
+    k = config.eval_k
+    models = EvalModels(
+        user_tower=ModelWeights.of(fitted.retriever.user),
+        ranker=ModelWeights.of(fitted.ranker),
+        tables=fitted.tables,
+        plan=CandidatePlan.from_config(config),
+        k=k,
+        history_len=config.history_len,
+        extra=extra or {},
+    )
+    chunks = [Cases(cases.seen[s : s + chunk], cases.targets[s : s + chunk]) for s in range(0, len(cases.seen), chunk)]
+    results = current_executor().map(evaluate_chunk, chunks, models=models)
+    n_items = fitted.tables.n_items
     report: dict[str, Any] = {
-        m: summarize(np.concatenate(t) if t else np.zeros((0, k), np.int64), cases.targets, n_items)
-        for m, t in tops.items()
+        m: summarize(
+            np.concatenate([tops[m] for tops, _ in results]) if results else np.zeros((0, k), np.int64),
+            cases.targets,
+            n_items,
+        )
+        for m in (*MODELS, *models.extra)
     }
+    in_candidates = sum(hits for _, hits in results)
     report["candidate_recall"] = round(in_candidates / max(len(cases.targets), 1), 4)
     return report
 
 
-def evaluate_protocol(ds: Dataset, protocol: str, config: ExportConfig, progress: bool = True) -> dict[str, Any]:
-    """Fit on the protocol's training part and evaluate every model on its test cases."""
+@dataclass(frozen=True)
+class EvalModels:
+    """What every evaluation chunk reads (shipped once per evaluation): model weights, item tables, plan, k."""
+
+    user_tower: ModelWeights
+    ranker: ModelWeights
+    tables: ItemTables
+    plan: CandidatePlan
+    k: int
+    history_len: int
+    extra: dict[str, Scorer]
+
+
+def evaluate_chunk(cases: Cases, models: EvalModels) -> tuple[dict[str, I64], int]:
+    """Top-k item indices (cases, k) of every model on one chunk of cases, and how many targets were candidates."""
+    k, tables, plan = models.k, models.tables, models.plan
+    user_tower, ranker = models.user_tower.module(), models.ranker.module()
+    assert isinstance(user_tower, UserTower) and isinstance(ranker, Ranker)
+    histories = cases.histories(models.history_len)
+    vecs = user_vectors_of(user_tower, tables.item_emb, histories)
+    tops: dict[str, list[I64]] = {m: [] for m in (*MODELS, *models.extra)}
+    tops["two_tower"].append(_top_k_full(vecs @ tables.item_emb[1:].T, cases.seen, k))
+    in_candidates = 0
+    cand_l, dense_l = [], []
+    for j, items in enumerate(cases.seen):
+        exclude = np.unique(items)
+        tops["most_pop"].append(_pad_k(popular_candidates(tables, k, exclude)[0], k)[None])
+        cands, mask = serving_candidates(tables, items, vecs[j], plan)
+        in_candidates += int(np.isin(cases.targets[j], cands))
+        cand_l.append(cands)
+        dense_l.append(ranker_feed(tables, items, cands, mask, vecs[j])["dense"][0])
+    rankers: dict[str, Scorer] = {"two_tower+ranker": lambda h, c, d: ranker_scores(ranker, h, c, d), **models.extra}
+    for name, scorer in rankers.items():
+        for cands, score in zip(cand_l, scorer(histories, cand_l, dense_l), strict=True):
+            tops[name].append(_pad_k(cands[np.argsort(-score, kind="stable")], k)[None])
+    empty = np.zeros((0, k), np.int64)
+    return {m: np.concatenate(t) if t else empty for m, t in tops.items()}, in_candidates
+
+
+@dataclass(frozen=True)
+class ProtocolSplit:
+    """A protocol's training part (vocabulary 1..n and sequences) and its test cases."""
+
+    train_mask: npt.NDArray[np.bool_]
+    vocab: tuple[str, ...]
+    seqs: Sequences
+    cases: Cases
+
+
+def protocol_split(ds: Dataset, protocol: str, config: ExportConfig) -> ProtocolSplit:
+    """The training part and test cases of `loo` or `replay` (ARCHITECTURE.md) on a dataset."""
     if protocol == "loo":
         train_mask, test_rows = loo_split(ds.user_ids, ds.timestamps)
     elif protocol == "replay":
@@ -144,12 +189,26 @@ def evaluate_protocol(ds: Dataset, protocol: str, config: ExportConfig, progress
     vocab = item_vocabulary(ds.item_ids[train_mask])
     idx = encode_items(ds.item_ids, vocab)
     seqs = Sequences.build(ds.user_ids[train_mask], idx[train_mask], ds.timestamps[train_mask])
-    genres = genre_multi_hot(vocab, ds.genres, ds.genre_names)
-    fitted = fit_models(seqs, len(vocab), genres, config, progress, label=f"{protocol}: ")
     if protocol == "loo":
         cases = loo_cases(ds, train_mask, test_rows, vocab, seqs)
     else:
         cases = replay_cases(ds, train_mask, vocab, seqs)
+    return ProtocolSplit(train_mask, vocab, seqs, cases)
+
+
+def evaluate_reference_models(split: ProtocolSplit, config: ExportConfig, names: tuple[str, ...]) -> dict[str, Any]:
+    """The baselines of exporter/baselines.py fitted on the split's training part and scored on its cases."""
+    seqs = split.seqs
+    train = train_matrix(seqs.user_of_position(), seqs.items, seqs.n_users, len(split.vocab))
+    return evaluate_baselines(train, split.cases, config.eval_k, BaselineSettings.from_config(config), names)
+
+
+def evaluate_protocol(ds: Dataset, protocol: str, config: ExportConfig, progress: bool = True) -> dict[str, Any]:
+    """Fit on the protocol's training part and evaluate every model and every baseline on its test cases."""
+    split = protocol_split(ds, protocol, config)
+    train_mask, vocab, seqs, cases = split.train_mask, split.vocab, split.seqs, split.cases
+    genres = genre_multi_hot(vocab, ds.genres, ds.genre_names)
+    fitted = fit_models(seqs, len(vocab), genres, config, progress, label=f"{protocol}: ")
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         extra = _int8_scorer(fitted, Path(tmp), config) if config.ranker_int8 else {}
@@ -158,7 +217,39 @@ def evaluate_protocol(ds: Dataset, protocol: str, config: ExportConfig, progress
         report["ranker_int8_ndcg_drop"] = round(report["two_tower+ranker"]["ndcg"] - report[INT8]["ndcg"], 5)
     report["fit"] = {**fitted.report, "eval_seconds": round(time.perf_counter() - t, 2)}
     report["train_interactions"] = int(train_mask.sum())
+    if config.baselines:
+        baselines = evaluate_reference_models(split, config, config.baselines)
+        # Timings live under "fit" with the project's, so the figures compare across runs.
+        report["fit"]["baseline_seconds"] = {
+            name: {"fit": b.pop("fit_seconds"), "score": b.pop("score_seconds")}
+            for name, b in baselines.items()
+            if "fit_seconds" in b
+        }
+        report["baselines"] = baselines
     return report
+
+
+class OnnxScorer:
+    """A Scorer running a ranker ONNX graph held in memory; it pickles as the graph (Ray ships it to workers)."""
+
+    def __init__(self, model: bytes, threads: int = 1) -> None:
+        self.model, self.threads = model, threads
+        self._session: ort.InferenceSession | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"model": self.model, "threads": self.threads}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
+    def __call__(
+        self, histories: I64, candidates: list[I64], dense: list[npt.NDArray[np.float32]]
+    ) -> list[npt.NDArray[np.float32]]:
+        if self._session is None:  # the options of exporter.onnx_export.session, from bytes instead of a path
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads, opts.inter_op_num_threads = self.threads, 1
+            self._session = ort.InferenceSession(self.model, opts, providers=["CPUExecutionProvider"])
+        return ort_ranker_scores(self._session, histories, candidates, dense)
 
 
 def _int8_scorer(fitted: Fitted, workdir: Path, config: ExportConfig) -> dict[str, Scorer]:
@@ -167,24 +258,11 @@ def _int8_scorer(fitted: Fitted, workdir: Path, config: ExportConfig) -> dict[st
     n_dense = len(DENSE_FEATURES) + fitted.tables.item_features.shape[1]
     export_ranker(fitted.ranker, fp32, config.history_len, n_dense, config.opset)
     quantize_ranker(fp32, int8)
-    sess = session(int8, threads=config.torch_threads)
-    return {INT8: lambda h, c, d: ort_ranker_scores(sess, h, c, d)}
+    return {INT8: OnnxScorer(int8.read_bytes(), threads=config.torch_threads)}
 
 
 def format_report(evaluation: dict[str, dict[str, Any]]) -> str:
-    """A plain-text table: protocol, model, HR@k, NDCG@k, coverage, cases."""
-    lines = [f"{'protocol':<8} {'model':<18} {'HR@10':>7} {'NDCG@10':>8} {'coverage':>9} {'cases':>6}"]
-    for protocol, report in evaluation.items():
-        for model in MODELS:
-            m = report[model]
-            lines.append(
-                f"{protocol:<8} {model:<18} {m['hr']:>7.4f} {m['ndcg']:>8.4f} {m['coverage']:>9.3f} {m['cases']:>6}"
-            )
-        if INT8 in report:
-            m = report[INT8]
-            lines.append(
-                f"{protocol:<8} {'  ranker int8':<18} {m['hr']:>7.4f} {m['ndcg']:>8.4f} {m['coverage']:>9.3f} "
-                f"{m['cases']:>6}  (NDCG drop {report['ranker_int8_ndcg_drop']:+.4f})"
-            )
-        lines.append(f"{protocol:<8} {'(candidate recall)':<18} {report['candidate_recall']:>7.4f}")
-    return "\n".join(lines)
+    """A plain-text table: protocol, model, HR@k, NDCG@k, coverage, cases (the baselines with their settings)."""
+    from exporter.report import evaluation_table
+
+    return evaluation_table(evaluation)

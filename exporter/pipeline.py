@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import resource
+import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +15,11 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from exporter.ann_index import IndexPolicy, choose_and_build
+from exporter.ann_index import IndexPolicy, choose_and_build, sweep
 from exporter.candidates import CandidatePlan, serving_candidates
 from exporter.config import ExportConfig
 from exporter.data import Dataset, load_dataset
+from exporter.distributed import Executor, LocalExecutor, activate, item_embeddings, shard_builds, user_embeddings
 from exporter.evaluate import evaluate_protocol, format_report
 from exporter.fit import Fitted, fit_models
 from exporter.onnx_export import (
@@ -37,8 +41,52 @@ from recsys_common.features import DENSE_FEATURES, SOURCES, ranker_feed
 LATENCY_CANDIDATES = 350
 
 
-class IndexGateError(RuntimeError):
+class GateError(RuntimeError):
+    """A quality gate refused the bundle: nothing was published and CURRENT is unchanged (`recsys export` exits 3)."""
+
+
+class IndexGateError(GateError):
     """The chosen FAISS index does not reach the recall floor against exact search."""
+
+
+class ParityGateError(GateError, ParityError):
+    """An ONNX graph disagrees with torch beyond tolerance."""
+
+
+class MostPopGateError(GateError):
+    """The project (two_tower+ranker) does not beat most_pop under an evaluated protocol."""
+
+
+PROJECT = "two_tower+ranker"  # what the stack serves: retrieval + ranking
+SWEEP_MAX_ITEMS = 100_000  # the report's index sweep builds HNSW and IVF too: cheap up to here
+
+
+def most_pop_gate(evaluation: dict[str, Any], margin: float = 0.0) -> dict[str, Any]:
+    """Whether the project beats most_pop by more than margin on HR@k and NDCG@k under every evaluated protocol.
+
+    Returns {"passed", "margin", "protocols": {protocol: {metric: [project, most_pop]}}, "reason"}.
+    """
+    failures, figures = [], {}
+    for protocol, report in evaluation.items():
+        project, pop = report[PROJECT], report["most_pop"]
+        figures[protocol] = {m: [round(project[m], 5), round(pop[m], 5)] for m in ("hr", "ndcg")}
+        for metric, label in (("hr", "HR"), ("ndcg", "NDCG")):
+            if not project[metric] > pop[metric] + margin:
+                k = project.get("k", 10)
+                failures.append(
+                    f"{protocol}: {PROJECT} {label}@{k} {project[metric]:.4f} does not beat most_pop "
+                    f"{pop[metric]:.4f}" + (f" by more than {margin}" if margin else "")
+                )
+    return {"passed": not failures, "margin": margin, "protocols": figures, "reason": "; ".join(failures)}
+
+
+def peak_rss_mb() -> dict[str, float]:
+    """Peak resident memory of this process and of its finished children (ru_maxrss is in KiB on Linux)."""
+    scale = 1 / 1024 if sys.platform != "darwin" else 1 / 1024 / 1024
+    return {
+        "self": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, 1),
+        "children": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale, 1),
+    }
 
 
 def _log(progress: bool, message: str) -> None:
@@ -78,6 +126,32 @@ def _ranker_feeds(
     return feeds
 
 
+def _check_shards(
+    executor: Executor,
+    index: faiss.Index,
+    entry: dict[str, Any],
+    item_emb: npt.NDArray[np.float32],
+    user_vecs: npt.NDArray[np.float32],
+    count: int,
+    policy: IndexPolicy,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Build every retrieval shard of the index as a task and refuse to publish if one misses the recall floor.
+
+    The bundle keeps its one items.faiss: retrieval_svc cuts its shard from it at load time (an HNSW shard is a
+    new graph over the shard's items), so a shard's recall is not the whole index's; this is the check of it.
+    """
+    shards = shard_builds(executor, index, entry, item_emb, user_vecs, count, policy)
+    worst = min(shards, key=lambda s: s.recall)
+    if worst.recall < policy.recall_floor:
+        raise IndexGateError(
+            f"items.faiss served as {count} shards: shard {worst.shard}/{count} recall@{worst.k} "
+            f"{worst.recall:.4f} is below the floor {policy.recall_floor}: not publishing"
+        )
+    _log(progress, f"index as {count} shards: lowest recall@{worst.k} {worst.recall:.3f} (shard {worst.shard})")
+    return [s.as_dict() for s in shards]
+
+
 def _items_json(vocab: tuple[str, ...], ds: Dataset) -> dict[str, Any]:
     return {
         "item_ids": list(vocab),
@@ -87,11 +161,28 @@ def _items_json(vocab: tuple[str, ...], ds: Dataset) -> dict[str, Any]:
     }
 
 
-def run_export(config: ExportConfig, data_dir: Path, bundles_dir: Path, progress: bool = True) -> str:
+def run_export(
+    config: ExportConfig,
+    data_dir: Path,
+    bundles_dir: Path,
+    progress: bool = True,
+    executor: Executor | None = None,
+    index_shards: int = 1,
+) -> str:
     """Train, evaluate, export and publish a bundle from data_dir into bundles_dir; returns the version.
 
-    Refuses to publish (raises ParityError) when an ONNX graph disagrees with torch beyond tolerance.
+    executor runs the embedding inference, the per-shard index builds and the evaluation's case chunks
+    (default: this process; exporter.distributed.RayExecutor for Ray), with equal results either way.
+    index_shards > 1 also checks the index as retrieval serves it in that many shards (`--shards`).
+
+    Refuses to publish, raising a GateError with the reason and leaving CURRENT as it was, when the project does
+    not beat most_pop (MostPopGateError, checked before the final fit), the index misses its recall floor
+    (IndexGateError) or an ONNX graph disagrees with torch beyond tolerance (ParityGateError). After a publish the
+    newest config.keep_versions versions are kept (recsys_common.bundle.prune_versions).
     """
+    if index_shards < 1:
+        raise ValueError(f"index_shards must be >= 1, got {index_shards}")
+    executor = executor or LocalExecutor()
     started = time.perf_counter()
     watch = Stopwatch()
     seed_everything(config.seed, config.torch_threads)
@@ -101,15 +192,23 @@ def run_export(config: ExportConfig, data_dir: Path, bundles_dir: Path, progress
     _log(
         progress,
         f"loaded {len(ds)} interactions from {data_dir} ({data_summary['n_users']} users, "
-        f"{data_summary['n_items']} items)",
+        f"{data_summary['n_items']} items; {data_summary['format']}: {data_summary['rows_read']} rows read, "
+        f"{data_summary['dropped_missing_id']} dropped for a missing id, "
+        f"{data_summary['duplicates_removed']} exact duplicates removed)",
     )
 
     evaluation: dict[str, Any] = {}
     for protocol in config.eval_protocols:
-        evaluation[protocol] = evaluate_protocol(ds, protocol, config, progress)
+        with activate(executor):
+            evaluation[protocol] = evaluate_protocol(ds, protocol, config, progress)
         watch.lap(f"eval_{protocol}")
     if evaluation:
         _log(progress, format_report(evaluation))
+    gates: dict[str, Any] = {"beat_most_pop": "off"}
+    if config.gate_beat_most_pop:
+        gates["beat_most_pop"] = most_pop_gate(evaluation, config.gate_most_pop_margin) if evaluation else "no protocol"
+        if evaluation and not gates["beat_most_pop"]["passed"]:  # before the final fit: fail early
+            raise MostPopGateError(f"quality gate: {gates['beat_most_pop']['reason']}: not publishing")
 
     vocab = item_vocabulary(ds.item_ids)
     idx = encode_items(ds.item_ids, vocab)
@@ -121,7 +220,7 @@ def run_export(config: ExportConfig, data_dir: Path, bundles_dir: Path, progress
     writer = BundleWriter(Path(bundles_dir))
     try:
         drops = {p: float(r["ranker_int8_ndcg_drop"]) for p, r in evaluation.items() if "ranker_int8_ndcg_drop" in r}
-        manifest = _stage(writer.staging, config, ds, vocab, seqs, fitted, progress, drops)
+        manifest = _stage(writer.staging, config, ds, vocab, seqs, fitted, progress, drops, executor, index_shards)
         watch.lap("export")
         manifest.update(
             data=data_summary,
@@ -131,10 +230,16 @@ def run_export(config: ExportConfig, data_dir: Path, bundles_dir: Path, progress
                 "steps_seconds": watch.seconds,
                 "final_fit": fitted.report,
                 "torch": torch.__version__,
+                "peak_rss_mb": peak_rss_mb(),
             },
             evaluation=evaluation,
+            gates={
+                **gates,
+                "onnx_parity": {n: manifest["models"][n]["parity"]["ok"] for n in ("user_tower", "ranker")},
+                "index_recall": {**manifest["index"]["recall"], "floor": config.index_recall_floor},
+            },
         )
-        version = writer.publish(manifest)
+        version = writer.publish(manifest, keep=config.keep_versions)
     except BaseException:
         writer.abort()
         raise
@@ -151,9 +256,13 @@ def _stage(
     fitted: Fitted,
     progress: bool,
     int8_ndcg_drops: dict[str, float] | None = None,
+    executor: Executor | None = None,
+    index_shards: int = 1,
 ) -> dict[str, Any]:
     """Write every bundle file into staging, run the gates, and return the manifest (without files/version)."""
-    tables = fitted.tables
+    executor = executor or LocalExecutor()
+    # Embedding inference on the executor: the bundle's item table here, every user's vector below.
+    tables = replace(fitted.tables, item_emb=item_embeddings(executor, fitted.retriever))
     (staging / "items.json").write_text(json.dumps(_items_json(vocab, ds), ensure_ascii=False))
     np.save(staging / "item_emb.npy", tables.item_emb)
     np.save(staging / "popularity.npy", tables.popularity)
@@ -166,15 +275,32 @@ def _stage(
     )
 
     last_all = last_histories(seqs, config.history_len)
-    user_vecs = user_vectors(fitted.retriever, last_all)
+    user_vecs = user_embeddings(executor, fitted.retriever, tables.item_emb, last_all)
     # Index type by catalogue size (exact for small catalogues), tuned and checked on real user vectors.
-    index, index_section, index_report = choose_and_build(
-        tables.item_emb, user_vecs, IndexPolicy(recall_floor=config.index_recall_floor, seed=config.seed)
+    policy = IndexPolicy(
+        recall_floor=config.index_recall_floor,
+        seed=config.seed,
+        exact_max_items=config.index_exact_max_items,
+        hnsw_max_items=max(IndexPolicy.hnsw_max_items, config.index_exact_max_items),
+        memory_budget_bytes=config.index_memory_budget_bytes,
     )
+    index, index_section, index_report = choose_and_build(tables.item_emb, user_vecs, policy)
     if not index_report.passed:
         raise IndexGateError(f"items.faiss: {index_report.reason}: not publishing")
+    if index_shards > 1:
+        index_section["shards"] = _check_shards(
+            executor, index, index_section, tables.item_emb, user_vecs, index_shards, policy, progress
+        )
     faiss.write_index(index, str(staging / "items.faiss"))
     _log(progress, f"index {index_report.factory}: recall@{index_report.k} {index_report.recall:.3f} vs exact")
+    # Recall against latency of every index type, for the report; the published index is the one chosen above.
+    n_indexed = tables.item_emb.shape[0] - 1
+    index_candidates = {
+        "chosen": index_report.factory,
+        "build_s": index_report.build_s,
+        "tuning": index_report.tried,
+        "sweep": sweep(tables.item_emb, user_vecs, policy) if n_indexed <= SWEEP_MAX_ITEMS else [],
+    }
 
     ut_path = staging / "user_tower.onnx"
     export_user_tower(fitted.retriever, ut_path, config.history_len, config.opset)
@@ -192,7 +318,7 @@ def _stage(
     )
     for name, report in (("user_tower", ut_parity), ("ranker", rk_parity)):
         if not report.ok:
-            raise ParityError(
+            raise ParityGateError(
                 f"{name}.onnx differs from torch by {report.max_abs_diff:.3g} "
                 f"(> {report.tolerance:g}) on {report.rows} rows: not publishing"
             )
@@ -228,6 +354,7 @@ def _stage(
         "history_len": config.history_len,
         "embedding": {"dim": int(tables.item_emb.shape[1]), "metric": "inner_product"},
         "index": index_section,
+        "index_candidates": index_candidates,
         "models": models,
         "features": {
             "covisit_recency_decay": tables.covisit_decay,

@@ -15,11 +15,54 @@ from pathlib import Path
 
 def _export(args: argparse.Namespace) -> int:
     from exporter.config import ExportConfig
-    from exporter.pipeline import run_export
+    from exporter.distributed import ExecutorError, open_executor
+    from exporter.pipeline import GateError, run_export
 
     config = ExportConfig.from_json(args.config) if args.config else ExportConfig()
-    version = run_export(config, args.data, args.out, progress=not args.quiet)
+    try:
+        with open_executor(args.ray) as executor:
+            version = run_export(
+                config, args.data, args.out, progress=not args.quiet, executor=executor, index_shards=args.index_shards
+            )
+    except ExecutorError as exc:
+        print(f"recsys export: {exc}", file=sys.stderr)
+        return 2
+    except GateError as exc:  # every quality gate: nothing published, CURRENT unchanged
+        print(f"recsys export: {exc}", file=sys.stderr)
+        return 3
     print(f"published bundle {version} in {args.out}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from exporter.report import report_text, write_report
+    from recsys_common.bundle import MANIFEST, open_bundle
+    from recsys_common.errors import BundleMismatch, BundleUnavailable
+
+    path = Path(args.bundle)
+    try:
+        # A version directory (holds manifest.json) or a bundles directory (its CURRENT version).
+        bundle = open_bundle(path.parent, path.name) if (path / MANIFEST).is_file() else open_bundle(path)
+    except (BundleMismatch, BundleUnavailable) as exc:
+        print(f"recsys report: {exc}", file=sys.stderr)
+        return 2
+    print(report_text(bundle.manifest))
+    out = args.out or Path(f"recsys-report-{bundle.version}")
+    written = write_report(bundle.manifest, out)
+    print(f"\nwrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from recsys_common.bundle import rollback
+    from recsys_common.errors import BundleMismatch, BundleUnavailable
+
+    try:
+        old, new = rollback(args.bundles)
+    except (BundleMismatch, BundleUnavailable) as exc:
+        print(f"recsys rollback: {exc}", file=sys.stderr)
+        return 2
+    print(f"CURRENT in {args.bundles}: {old} -> {new}")
     return 0
 
 
@@ -49,6 +92,18 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fetch(args: argparse.Namespace) -> int:
+    from exporter.fetch import FetchError, fetch
+
+    try:
+        path = fetch(args.name, args.cache_dir)
+    except FetchError as exc:
+        print(f"recsys data fetch: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
 def _import_events(args: argparse.Namespace) -> int:
     from exporter.data import DataError
     from recsys_cli.import_events import run_import
@@ -75,7 +130,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="bundles directory (a new version is published here)")
     p.add_argument("--config", type=Path, help="ExportConfig as JSON (unknown keys are an error)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--ray",
+        metavar="local|ADDRESS",
+        help="run embedding inference, shard index builds and evaluation as Ray tasks: 'local' starts Ray on "
+        "this machine, ADDRESS joins a cluster (auto, host:6379, ray://host:10001)",
+    )
+    p.add_argument(
+        "--index-shards",
+        type=int,
+        default=1,
+        metavar="N",
+        help="also check the index's recall as served by N retrieval shards (`serve --shards N`)",
+    )
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("report", help="print a bundle's evaluation report and write report.md and PNG plots")
+    p.add_argument("bundle", type=Path, help="a bundles directory (its CURRENT version) or one version's directory")
+    p.add_argument("--out", type=Path, help="folder for report.md and the PNGs (default: ./recsys-report-VERSION)")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("rollback", help="point CURRENT at the kept version before it (services swap to it)")
+    p.add_argument("--bundles", type=Path, required=True, help="bundles directory")
+    p.set_defaults(func=_rollback)
 
     p = sub.add_parser("serve", help="run retrieval, ranking and the gateway as child processes")
     p.add_argument("--bundles", type=Path, required=True)
@@ -104,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--items", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_synth)
+    p = data.add_parser("fetch", help="download a MovieLens archive into a cache, checked against a pinned sha256")
+    p.add_argument("name", choices=("movielens-100k", "movielens-1m"))
+    p.add_argument("--cache-dir", type=Path, help="default: ~/.cache/recsys; prints the data folder to use as --data")
+    p.set_defaults(func=_fetch)
     p = sub.add_parser("import-events", help="load historical interactions into the user-state store")
     p.add_argument("--data", type=Path, required=True, help="MovieLens 100K folder or generic-layout folder")
     where = p.add_mutually_exclusive_group()

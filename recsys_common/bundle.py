@@ -7,6 +7,7 @@ swapped atomically, so a reader sees either the old or the new version, never a 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -80,7 +81,16 @@ class BundleWriter:
     def staging(self) -> Path:
         return self._staging
 
-    def publish(self, manifest: dict[str, Any], make_current: bool = True) -> str:
+    def publish(self, manifest: dict[str, Any], make_current: bool = True, keep: int | None = None) -> str:
+        """Seal staging as the new version, point CURRENT at it, then keep only the newest ``keep`` versions.
+
+        Retention never removes the new version, CURRENT, or the version CURRENT named before (a service may
+        still be serving it while it swaps).
+        """
+        try:
+            previous = current_version(self.bundles_dir)
+        except (BundleUnavailable, BundleMismatch):
+            previous = None
         files = {}
         for path in sorted(self._staging.iterdir()):
             if path.name == MANIFEST:
@@ -104,6 +114,8 @@ class BundleWriter:
         _fsync_dir(self.bundles_dir)
         if make_current:
             set_current(self.bundles_dir, self.version)
+        if keep is not None:
+            prune_versions(self.bundles_dir, keep, protect={self.version, *([previous] if previous else [])})
         return self.version
 
     def abort(self) -> None:
@@ -118,6 +130,58 @@ def set_current(bundles_dir: Path, version: str) -> None:
     _write_durably(tmp, (version + "\n").encode())
     os.replace(tmp, bundles_dir / CURRENT)
     _fsync_dir(bundles_dir)
+
+
+def list_versions(bundles_dir: Path) -> list[str]:
+    """Published versions in BUNDLES_DIR, oldest first: by the manifest's created_at (whole seconds), then by
+    the manifest file's mtime (versions published within one second), then by name.
+
+    A version is a directory with a manifest.json whose name does not start with "." (staging, temp files).
+    """
+    found = []
+    for path in Path(bundles_dir).iterdir():
+        if path.name.startswith(".") or not path.is_dir() or not (path / MANIFEST).is_file():
+            continue
+        try:
+            created = str(json.loads((path / MANIFEST).read_text()).get("created_at", ""))
+        except (json.JSONDecodeError, OSError, AttributeError):
+            created = ""
+        found.append((created, (path / MANIFEST).stat().st_mtime_ns, path.name))
+    return [name for *_, name in sorted(found)]
+
+
+def prune_versions(bundles_dir: Path, keep: int, protect: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """Delete all but the newest ``keep`` versions; CURRENT and ``protect`` are never deleted. Returns the removed."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    bundles_dir = Path(bundles_dir)
+    with contextlib.suppress(BundleUnavailable, BundleMismatch):
+        protect = {*protect, current_version(bundles_dir)}
+    versions = list_versions(bundles_dir)
+    removed = [v for v in versions[: max(len(versions) - keep, 0)] if v not in protect]
+    for version in removed:
+        # Rename first (atomic), so a reader never sees a half-deleted version directory.
+        doomed = bundles_dir / f".deleting-{version}-{secrets.token_hex(4)}"
+        os.rename(bundles_dir / version, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    return removed
+
+
+def rollback(bundles_dir: Path) -> tuple[str, str]:
+    """Point CURRENT at the newest kept version older than it; returns (from_version, to_version).
+
+    Raises BundleUnavailable when there is no older version, BundleMismatch when it fails verification.
+    """
+    bundles_dir = Path(bundles_dir)
+    current = current_version(bundles_dir)
+    versions = list_versions(bundles_dir)
+    if current not in versions:
+        raise BundleUnavailable(f"CURRENT names {current}, which is not a published version in {bundles_dir}")
+    older = versions[: versions.index(current)]
+    if not older:
+        raise BundleUnavailable(f"no version older than CURRENT ({current}) is kept in {bundles_dir}: cannot roll back")
+    set_current(bundles_dir, older[-1])
+    return current, older[-1]
 
 
 def current_version(bundles_dir: Path) -> str:
