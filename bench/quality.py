@@ -456,6 +456,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--protocol", choices=("loo", "replay"), required=True)
     p.add_argument("--work", type=Path, help="work dir for data/, bundles/, state/ and logs (default: a new temp dir)")
     p.add_argument("--recsys", help="command that runs the recsys CLI (default: the venv's console script)")
+    p.add_argument(
+        "--bundles",
+        type=Path,
+        help="serve this bundles dir instead of exporting (it must come from this protocol's training part, "
+        "e.g. WORK/bundles of an earlier run with the same --data and --protocol)",
+    )
     p.add_argument("--limit-users", type=int, help="evaluate a seeded sample of N users (training uses everyone)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit-users sample")
     p.add_argument("--out", type=Path, help="results JSON (default: WORK/results.json)")
@@ -503,9 +509,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             test_rows = np.flatnonzero(~train_mask)
             eval_users = pick_users(ds.user_ids[test_rows].tolist(), args.limit_users, args.seed)
         n_train = write_generic_layout(ds, train_mask, work / "data")
-        export_s = run_export(recsys, work / "data", work / "bundles", work / "export.log")
+        bundles = args.bundles or work / "bundles"
+        export_s = 0.0 if args.bundles else run_export(recsys, work / "data", bundles, work / "export.log")
 
-        proc, port = start_serve(recsys, work / "bundles", work / "state", work / "serve.log", args.startup_timeout_s)
+        proc, port = start_serve(recsys, bundles, work / "state", work / "serve.log", args.startup_timeout_s)
         client = GatewayClient("127.0.0.1", port)
         try:
             train_rows = time_ordered(np.flatnonzero(train_mask), ds.timestamps)

@@ -13,6 +13,7 @@ from typing import Any
 import faiss
 import numpy as np
 import numpy.typing as npt
+import onnx
 import torch
 
 from exporter.ann_index import IndexPolicy, choose_and_build, sweep
@@ -37,6 +38,7 @@ from exporter.tables import genre_multi_hot
 from exporter.train import Stopwatch, seed_everything, user_vectors
 from recsys_common.bundle import BundleWriter
 from recsys_common.features import DENSE_FEATURES, SOURCES, ranker_feed
+from recsys_common.signing import load_private_key
 
 LATENCY_CANDIDATES = 350
 
@@ -168,8 +170,12 @@ def run_export(
     progress: bool = True,
     executor: Executor | None = None,
     index_shards: int = 1,
+    signing_key: Path | None = None,
 ) -> str:
     """Train, evaluate, export and publish a bundle from data_dir into bundles_dir; returns the version.
+
+    signing_key: an Ed25519 private key (PEM); the bundle is published with manifest.sig, its signature over
+    the manifest (recsys_common/signing.py). It is loaded first, so a bad key fails before any training.
 
     executor runs the embedding inference, the per-shard index builds and the evaluation's case chunks
     (default: this process; exporter.distributed.RayExecutor for Ray), with equal results either way.
@@ -182,6 +188,7 @@ def run_export(
     """
     if index_shards < 1:
         raise ValueError(f"index_shards must be >= 1, got {index_shards}")
+    key = load_private_key(signing_key, "--signing-key") if signing_key is not None else None
     executor = executor or LocalExecutor()
     started = time.perf_counter()
     watch = Stopwatch()
@@ -239,7 +246,9 @@ def run_export(
                 "index_recall": {**manifest["index"]["recall"], "floor": config.index_recall_floor},
             },
         )
-        version = writer.publish(manifest, keep=config.keep_versions)
+        for model in sorted(writer.staging.glob("*.onnx")):  # every shipped graph, the int8 ranker included
+            onnx.checker.check_model(str(model))
+        version = writer.publish(manifest, keep=config.keep_versions, signing_key=key)
     except BaseException:
         writer.abort()
         raise

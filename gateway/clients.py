@@ -1,4 +1,8 @@
-"""Thin clients for the retrieval and ranking services: plain values in, plain values out, a timeout on every call."""
+"""Thin clients for the retrieval and ranking services: plain values in, plain values out, a timeout on every call.
+
+With credentials (recsys_common.tls.TLSFiles.channel_credentials) the channels speak mutual TLS: the gateway
+presents its certificate and trusts only the configured CA for the services' certificates.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,14 @@ class Scored:
     missing: tuple[tuple[str, str], ...] = ()
 
 
+def _channel(
+    address: str, credentials: grpc.ChannelCredentials | None, options: Sequence[tuple[str, int]] = ()
+) -> grpc.Channel:
+    if credentials is None:
+        return grpc.insecure_channel(address, options=list(options))
+    return grpc.secure_channel(address, credentials, options=list(options))
+
+
 def _healthy(channel: grpc.Channel, timeout_s: float) -> bool:
     try:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
@@ -39,9 +51,11 @@ RETRIEVAL_CHANNEL_OPTIONS = [("grpc.max_send_message_length", 4 << 20), ("grpc.m
 class RetrievalClient:
     """One retrieval server (or shard); searches are hedged after their observed p95 latency."""
 
-    def __init__(self, address: str, hedger: Hedger | None = None) -> None:
+    def __init__(
+        self, address: str, hedger: Hedger | None = None, credentials: grpc.ChannelCredentials | None = None
+    ) -> None:
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=RETRIEVAL_CHANNEL_OPTIONS)
+        self.channel = _channel(address, credentials, RETRIEVAL_CHANNEL_OPTIONS)
         self.stub = retrieval_pb2_grpc.RetrievalStub(self.channel)
         self.hedger = hedger or Hedger()
 
@@ -80,10 +94,10 @@ class ShardedRetrievalClient:
     answer covers the others (the gateway flags it partial); only when every shard fails does it raise.
     """
 
-    def __init__(self, addresses: Sequence[str]) -> None:
+    def __init__(self, addresses: Sequence[str], credentials: grpc.ChannelCredentials | None = None) -> None:
         if not addresses:
             raise ValueError("ShardedRetrievalClient needs at least one address")
-        self.shards = [RetrievalClient(a) for a in addresses]
+        self.shards = [RetrievalClient(a, credentials=credentials) for a in addresses]
         self.address = ",".join(addresses)
         self._pool = ThreadPoolExecutor(max_workers=4 * len(self.shards), thread_name_prefix="shards")
 
@@ -127,17 +141,21 @@ class ShardedRetrievalClient:
             s.close()
 
 
-def retrieval_client(addresses: str | Sequence[str]) -> RetrievalClient | ShardedRetrievalClient:
+def retrieval_client(
+    addresses: str | Sequence[str], credentials: grpc.ChannelCredentials | None = None
+) -> RetrievalClient | ShardedRetrievalClient:
     """One client for "host:port", a sharded one for "host:port,host:port,..." (shard i at position i)."""
     if isinstance(addresses, str):
         addresses = [a.strip() for a in addresses.split(",") if a.strip()]
-    return RetrievalClient(addresses[0]) if len(addresses) == 1 else ShardedRetrievalClient(addresses)
+    if len(addresses) == 1:
+        return RetrievalClient(addresses[0], credentials=credentials)
+    return ShardedRetrievalClient(addresses, credentials)
 
 
 class RankingClient:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
         self.address = address
-        self.channel = grpc.insecure_channel(address)
+        self.channel = _channel(address, credentials)
         self.stub = ranking_pb2_grpc.RankingStub(self.channel)
 
     def rank(

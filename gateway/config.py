@@ -44,8 +44,20 @@ class GatewayConfig:
     trending_candidates: int = 50
     coldstart_candidates: int = 50
     popular_candidates: int = 50
+    usercf_candidates: int = 50
+    # User-based CF (gateway/usercf.py): recently active users kept in this process (0 = source off: the
+    # default until bench/quality.py shows it helps on both protocols), neighbours asked per request, newest
+    # items kept per user, and idle time after which a user is dropped.
+    usercf_users: int = 0
+    usercf_neighbours: int = 20
+    usercf_items_per_user: int = 20
+    usercf_max_idle_s: float = 3600.0
     # Merge order, which is also the fallback order when ranking is unavailable.
-    source_priority: tuple[str, ...] = ("ann", "covisit", "trending", "coldstart", "popular")
+    source_priority: tuple[str, ...] = ("ann", "covisit", "usercf", "trending", "coldstart", "popular")
+    # Answer cache (gateway/cache.py): complete answers kept (0 = off), and for how long at most
+    # (bounds how stale trending and user-based CF, which follow other users' events, may be in a hit).
+    answer_cache_size: int = 0
+    answer_cache_ttl_s: float = 30.0
     # Requests in flight beyond this are refused at once (503 / RESOURCE_EXHAUSTED), not queued.
     max_inflight: int = 32
     fanout_threads: int = 64
@@ -58,6 +70,26 @@ class GatewayConfig:
     poll_interval_s: float = 2.0
     # SIGTERM: health NOT_SERVING at once, new connections refused, in-flight requests finish within this.
     grace_s: float = 5.0
+    # Authentication (SECURITY.md): off when neither keys nor a JWT key is set (dev mode's default);
+    # production mode refuses to start without one. Key files are re-read when they change.
+    # Lines of `<sha256-hex> <principal> <scope,scope>` (`recsys keys new-api-key` makes them).
+    api_keys_file: Path | None = None
+    # JWT bearer tokens: PEM public key(s) (Ed25519, RSA, EC) or HMAC secret(s), one or the other.
+    jwt_public_key_file: Path | None = None
+    jwt_secret_file: Path | None = None
+    # Pinned algorithms; empty = the key type's own (EdDSA, RS256, ES256, HS256). Never taken from the token.
+    jwt_algorithms: tuple[str, ...] = ()
+    jwt_audience: str = ""
+    jwt_issuer: str = ""
+    jwt_leeway_s: float = 30.0
+    # Per-principal token bucket (per client address with auth off); 0 = no limit. Burst 0 = one second's worth.
+    rate_limit_per_s: float = 0.0
+    rate_limit_burst: int = 0
+    # TLS material and the bundle-verification (Ed25519 public) key: required in production mode.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+    bundle_public_key_file: Path | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -67,6 +99,11 @@ class GatewayConfig:
             "trending_candidates",
             "coldstart_candidates",
             "popular_candidates",
+            "usercf_candidates",
+            "usercf_neighbours",
+            "usercf_items_per_user",
+            "usercf_max_idle_s",
+            "answer_cache_ttl_s",
             "max_events_per_user",
             "dedupe_window_s",
             "trending_half_life_s",
@@ -77,6 +114,19 @@ class GatewayConfig:
             "grace_s",
         ):
             check_positive(f"RECSYS_GATEWAY_{name.upper()}", getattr(self, name))
+        if self.mode not in ("dev", "production"):
+            raise ConfigError(f"Config 'RECSYS_GATEWAY_MODE' has value {self.mode!r}. Must be one of dev, production.")
+        for name in ("jwt_leeway_s", "rate_limit_per_s", "rate_limit_burst", "usercf_users", "answer_cache_size"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ConfigError(f"Config 'RECSYS_GATEWAY_{name.upper()}' has value {value!r}. Must be >= 0.")
+        if self.jwt_public_key_file and self.jwt_secret_file:
+            raise ConfigError(
+                "Config 'RECSYS_GATEWAY_JWT_PUBLIC_KEY_FILE' and 'RECSYS_GATEWAY_JWT_SECRET_FILE' are both set. "
+                "Use one of them."
+            )
+        if (self.jwt_public_key_file or self.jwt_secret_file) and not self.jwt_audience:
+            raise ConfigError("Config 'RECSYS_GATEWAY_JWT_AUDIENCE' is not set. JWT verification needs an audience.")
         for name in ("store_budget_share", "sources_budget_share"):
             value = getattr(self, name)
             if not 0 < value < 1:

@@ -13,10 +13,11 @@ The transports (rest.py, servicer.py) only convert and admit; every rule about r
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,9 +25,17 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
+from gateway.cache import AnswerCache, AnswerKey
 from gateway.clients import RankingClient, RetrievalClient, ShardedRetrievalClient
 from gateway.config import GatewayConfig
-from gateway.metrics import EVENTS, OVERLOADED, record_answer, timed_store
+from gateway.metrics import (
+    ANSWER_CACHE_HIT_LATENCY,
+    ANSWER_CACHE_NOT_STORED,
+    EVENTS,
+    OVERLOADED,
+    record_answer,
+    timed_store,
+)
 from gateway.privacy import Pseudonymizer
 from gateway.sources import (
     AnnSource,
@@ -39,6 +48,7 @@ from gateway.sources import (
     TrendingSource,
 )
 from gateway.store import Event, UserStore
+from gateway.usercf import ActiveUsers, UserCFSource
 from recsys_common.bundle import Bundle
 from recsys_common.catalog import Catalog
 from recsys_common.errors import InvalidRequest, Overloaded
@@ -52,6 +62,8 @@ MAX_EVENTS = 1000
 MAX_K = 1000
 MAX_TIMESTAMP = 2**53  # beyond this a JSON client loses precision
 MAX_TIMEOUT_MS = 60_000
+# Requests the gateway makes to itself before serving (they show in its metrics like any other).
+WARM_UP_ROUNDS = 2
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,15 @@ class Recommendation:
     missing: list[tuple[str, str]] = field(default_factory=list)  # (stage, reason)
     degraded: str = ""  # non-empty: not in ranked order, and why
     timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _UserState:
+    """What the store read of a request found: the user's events, or a cached answer for their version."""
+
+    events: list[Event]
+    version: str | None = None  # the store's version of the user, read before the events (None: cache off)
+    cached: Recommendation | None = None
 
 
 def _check_id(field_name: str, value: object) -> None:
@@ -203,6 +224,17 @@ class Recommender:
             AnnSource(retrieval, config.ann_candidates),
             TrendingSource(store, config.trending_candidates),
         ]
+        # User-based CF holds state across bundle versions (the recently active users), so it lives here,
+        # and runs in the pool under the sources' budget like the remote ones (a search over many users).
+        self.active_users: ActiveUsers | None = None
+        if config.usercf_users > 0:
+            self.active_users = ActiveUsers(config.usercf_users, config.usercf_items_per_user, config.usercf_max_idle_s)
+            self.remote_sources.append(
+                UserCFSource(self.active_users, bundles.get, config.usercf_candidates, config.usercf_neighbours)
+            )
+        self.cache: AnswerCache[Recommendation] | None = None
+        if config.answer_cache_size > 0:
+            self.cache = AnswerCache(config.answer_cache_size, config.answer_cache_ttl_s)
 
     @property
     def version(self) -> str:
@@ -211,31 +243,64 @@ class Recommender:
     # -- events ---------------------------------------------------------------------------
     def track(self, events: Sequence[Event]) -> int:
         validate_events(events)
+        stored = [self.pseudo.event(e) for e in events]
         with timed_store("append"):
-            accepted = self.store.append([self.pseudo.event(e) for e in events])
+            accepted = self.store.append(stored)
         EVENTS.labels("accepted").inc(accepted)
         EVENTS.labels("duplicate").inc(len(events) - accepted)
+        if self.active_users is not None and accepted:
+            view = self.bundles.get()
+            by_user: dict[str, list[Event]] = {}
+            for e in stored:
+                by_user.setdefault(e.user_id, []).append(e)
+            for user_key, user_events in by_user.items():
+                user_events.sort(key=lambda e: e.timestamp)
+                self.active_users.append(user_key, [e.item_id for e in user_events], view)
         return accepted
 
     def forget(self, user_id: str) -> int:
         """Erase everything stored for the user (events and dedupe keys); returns the events erased."""
         _check_id("user_id", user_id)
+        user_key = self.pseudo.user_key(user_id)
         with timed_store("forget"):
-            return self.store.forget(self.pseudo.user_key(user_id))
+            erased = self.store.forget(user_key)
+        if self.active_users is not None:
+            self.active_users.forget(user_key)
+        if self.cache is not None:
+            self.cache.forget_user(user_key)
+        return erased
 
     # -- recommendations --------------------------------------------------------------------
     def _budget_s(self, req: RecommendRequest, grpc_remaining_s: float | None) -> float:
         budget = (req.timeout_ms or self.config.default_timeout_ms) / 1000
         return min(budget, grpc_remaining_s) if grpc_remaining_s is not None else budget
 
-    def _read_history(self, user_id: str, deadline: float, missing: list[tuple[str, str]]) -> list[Event]:
+    def _read_history(
+        self,
+        user_id: str,
+        deadline: float,
+        missing: list[tuple[str, str]],
+        lookup: Callable[[str], Recommendation | None] | None = None,
+    ) -> _UserState:
         budget = (deadline - time.perf_counter()) * self.config.store_budget_share
-        future = self._pool.submit(self._recent, user_id)
+        future = self._pool.submit(self._load_user, user_id, lookup)
         try:
             return future.result(timeout=max(budget, 0.0))
         except Exception as exc:  # a slow or failing store: answer as for a new user, and say so
             missing.append(("store", _reason(exc)))
-            return []
+            return _UserState([])
+
+    def _load_user(self, user_id: str, lookup: Callable[[str], Recommendation | None] | None) -> _UserState:
+        if lookup is None:
+            return _UserState(self._recent(user_id))
+        # The version is read before the events: an event landing in between makes the answer newer
+        # than its key says (a later request misses), never older (which a hit could then serve).
+        with timed_store("version"):
+            version = self.store.version(user_id)
+        cached = lookup(version)
+        if cached is not None:
+            return _UserState([], version, cached)
+        return _UserState(self._recent(user_id), version)
 
     def _recent(self, user_id: str) -> list[Event]:
         with timed_store("recent"):
@@ -318,9 +383,21 @@ class Recommender:
         timings: dict[str, float] = {}
         missing: list[tuple[str, str]] = []
 
-        events = self._read_history(self.pseudo.user_key(req.user_id), deadline, missing)
+        user_key = self.pseudo.user_key(req.user_id)
+        cache = self.cache
+
+        def lookup(version: str) -> Recommendation | None:
+            return None if cache is None else cache.get(AnswerKey.of(req, user_key, version, view.version), view)
+
+        state = self._read_history(user_key, deadline, missing, lookup if cache is not None else None)
         timings["store"] = (time.perf_counter() - started) * 1000
+        if state.cached is not None:
+            return self._cached_answer(state.cached, req, started, timings)
+        events = state.events
         recent_ids = [e.item_id for e in events[-view.history_len :]]
+        if self.active_users is not None and events and view is self.bundles.get():
+            # The store's history is the truth for this user, whichever replica took their events.
+            self.active_users.observe(user_key, [e.item_id for e in events], view)
         seen = [e.item_id for e in events] if req.exclude_seen else []
         excluded_ids = list(dict.fromkeys([*seen, *req.exclude_item_ids]))
         query = SourceQuery(
@@ -331,6 +408,7 @@ class Recommender:
             k=req.k,
             bundle_version=view.version,
             catalog=view.catalog,
+            user_key=user_key,
         )
         t = time.perf_counter()
         merged = self._merge(self._run_sources(view, query, deadline, missing, timings))
@@ -376,7 +454,7 @@ class Recommender:
         record_answer(timings, missing, degraded)
         if degraded or missing:
             log.warning("answer partial=%s degraded=%r missing=%s", bool(missing), degraded, missing)
-        return Recommendation(
+        answer = Recommendation(
             items=items,
             bundle_version=view.version,
             partial=bool(missing),
@@ -384,8 +462,29 @@ class Recommender:
             degraded=degraded,
             timings_ms={k: round(v, 3) for k, v in timings.items()} if req.debug else {},
         )
+        if cache is not None and state.version is not None:
+            # Partial and degraded answers are not kept: the next request may well get the whole answer.
+            if missing or degraded:
+                ANSWER_CACHE_NOT_STORED.labels("degraded" if degraded else "partial").inc()
+            elif view is not self.bundles.get():
+                ANSWER_CACHE_NOT_STORED.labels("bundle_swapped").inc()
+            else:
+                cache.put(AnswerKey.of(req, user_key, state.version, view.version), view, answer)
+        return answer
 
-    def warm_up(self, rounds: int = 2) -> None:
+    @staticmethod
+    def _cached_answer(
+        cached: Recommendation, req: RecommendRequest, started: float, timings: dict[str, float]
+    ) -> Recommendation:
+        elapsed_s = time.perf_counter() - started
+        ANSWER_CACHE_HIT_LATENCY.observe(elapsed_s)
+        if not req.debug:
+            return cached
+        # A hit's own timings (store = the version read and lookup), not those of the request that computed it.
+        timings["cache_hit"] = timings["total"] = elapsed_s * 1000
+        return dataclasses.replace(cached, timings_ms={k: round(v, 3) for k, v in timings.items()})
+
+    def warm_up(self, rounds: int = WARM_UP_ROUNDS) -> None:
         """Run a few requests for a user nobody has, so the first real request finds the thread pools
         started, the channels connected and every code path loaded. Failures are fine here."""
         for _ in range(rounds):

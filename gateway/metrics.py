@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from recsys_common.logs import HEADER, REQUEST_ID, new_request_id
 from recsys_common.metrics import LATENCY_BUCKETS
@@ -25,10 +25,40 @@ PARTIAL = Counter("recsys_gateway_partial", "Stages missing from an answer, by s
 DEGRADED = Counter("recsys_gateway_degraded", "Answers not in ranked order, by reason", ["reason"])
 ANSWERS = Counter("recsys_gateway_answers", "Recommendation answers, by outcome", ["outcome"])
 OVERLOADED = Counter("recsys_gateway_overloaded", "Requests refused at admission (503 / RESOURCE_EXHAUSTED)")
+AUTH_REFUSED = Counter(
+    "recsys_gateway_auth_refused",
+    "Calls refused by authentication (401 / UNAUTHENTICATED) or authorization (403 / PERMISSION_DENIED), "
+    "by transport and reason (missing, malformed, unknown_key, invalid_token, expired_token, insufficient_scope)",
+    ["transport", "reason"],
+)
+RATE_LIMITED = Counter(
+    "recsys_gateway_rate_limited",
+    "Calls refused by the per-principal rate limit (429 / RESOURCE_EXHAUSTED)",
+    ["transport"],
+)
 STORE_LATENCY = Histogram(
     "recsys_gateway_store_seconds", "User-state store calls, by operation", ["op"], buckets=LATENCY_BUCKETS
 )
 EVENTS = Counter("recsys_gateway_events", "Events received, by outcome (accepted, duplicate)", ["outcome"])
+ANSWER_CACHE_LOOKUPS = Counter(
+    "recsys_gateway_answer_cache_lookups", "Answer cache lookups, by result (hit, miss)", ["result"]
+)
+ANSWER_CACHE_EVICTIONS = Counter(
+    "recsys_gateway_answer_cache_evictions",
+    "Answers dropped from the cache, by reason (capacity, expired, bundle_swap)",
+    ["reason"],
+)
+ANSWER_CACHE_NOT_STORED = Counter(
+    "recsys_gateway_answer_cache_not_stored",
+    "Computed answers not cached, by reason (partial, degraded, bundle_swapped)",
+    ["reason"],
+)
+ANSWER_CACHE_ENTRIES = Gauge("recsys_gateway_answer_cache_entries", "Answers held in the cache")
+ANSWER_CACHE_HIT_LATENCY = Histogram(
+    "recsys_gateway_answer_cache_hit_seconds",
+    "Request start to answer for cache hits (store version read + lookup)",
+    buckets=(0.0001, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.002, 0.005, 0.01, 0.05),
+)
 HTTP_REQUESTS = Counter(
     "recsys_http_requests", "REST requests, by route, method and status", ["route", "method", "status"]
 )

@@ -8,23 +8,34 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path as FilePath
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Path, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.staticfiles import StaticFiles
 
+from gateway.auth import Guard
+from gateway.auth_rest import AuthMiddleware
 from gateway.core import MAX_EVENTS, MAX_ID_LEN, MAX_K, MAX_TIMEOUT_MS, MAX_TIMESTAMP, Recommender, RecommendRequest
+from gateway.items import DEFAULT_LIMIT, MAX_IDS, MAX_LIMIT, MAX_QUERY_LEN, ItemIndex, ItemIndexes, ItemInfo
 from gateway.limits import BodySizeLimit
 from gateway.metrics import RestTelemetry
 from gateway.store import Event
 from recsys_common.errors import InvalidRequest, Overloaded, RecsysError
 
 MAX_BODY_BYTES = 256 * 1024
+# The try-it page (gateway/web): plain files shipped in the package; the page may load nothing from elsewhere.
+WEB_DIR = FilePath(__file__).with_name("web")
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; frame-ancestors 'none'",
+    "Cache-Control": "no-cache",
+}
 
 
 Id = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_LEN)]
@@ -107,6 +118,24 @@ class RecommendOut(BaseModel):
     timings_ms: dict[str, float] | None = None
 
 
+class CatalogItemOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"item_id": "50", "title": "Star Wars (1977)", "genres": ["Action", "Sci-Fi"]}]}
+    )
+    item_id: str
+    title: str = Field(description="human-readable title; empty when the bundle has none")
+    genres: list[str]
+
+    @classmethod
+    def of(cls, info: ItemInfo) -> CatalogItemOut:
+        return cls(item_id=info.item_id, title=info.title, genres=list(info.genres))
+
+
+class CatalogItemsOut(BaseModel):
+    items: list[CatalogItemOut]
+    bundle_version: str
+
+
 class ErrorBody(BaseModel):
     code: str
     message: str
@@ -119,8 +148,11 @@ class ErrorOut(BaseModel):
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorOut, "description": "the body could not be read (not UTF-8 JSON)"},
+    401: {"model": ErrorOut, "description": "missing or invalid credentials (when authentication is configured)"},
+    403: {"model": ErrorOut, "description": "the credentials lack the scope this call needs"},
     413: {"model": ErrorOut, "description": f"body larger than {MAX_BODY_BYTES} bytes"},
     422: {"model": ErrorOut, "description": "invalid input; `field` names it"},
+    429: {"model": ErrorOut, "description": "rate limit exceeded (when configured); see Retry-After"},
     503: {"model": ErrorOut, "description": "overloaded or no bundle loaded; retry"},
 }
 
@@ -134,12 +166,16 @@ def _error(
 
 def _loc(loc: tuple[Any, ...]) -> str:
     out = ""
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
+    for part in loc[1:] if loc and loc[0] in ("body", "query", "path") else loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "body"
 
 
-def create_app(recommender: Recommender, on_ready: Callable[[], None] | None = None) -> FastAPI:
+def create_app(
+    recommender: Recommender, on_ready: Callable[[], None] | None = None, guard: Guard | None = None
+) -> FastAPI:
+    """The REST app; guard (default: built from recommender.config) admits /v1/ calls (gateway/auth_rest.py)."""
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if on_ready is not None:
@@ -153,7 +189,15 @@ def create_app(recommender: Recommender, on_ready: Callable[[], None] | None = N
         lifespan=lifespan,
     )
     app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
+    # Credentials and rate limit are checked before the body is read; /healthz, /metrics and the page stay open.
+    app.add_middleware(AuthMiddleware, guard=guard if guard is not None else Guard.from_config(recommender.config))
     app.add_middleware(RestTelemetry)  # outermost: counts and ids every request, refused ones too
+    app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
+    item_indexes = ItemIndexes()
+
+    def items_now() -> ItemIndex:
+        view = recommender.bundles.get()
+        return item_indexes.for_version(view.version, view.catalog, view.tables.popularity)
 
     @app.exception_handler(RecsysError)
     async def recsys_error(_: Request, err: RecsysError) -> JSONResponse:
@@ -180,6 +224,11 @@ def create_app(recommender: Recommender, on_ready: Callable[[], None] | None = N
         body = {"status": "ok" if ok else "unavailable", "bundle_version": recommender.version, "services": services}
         return JSONResponse(status_code=200 if ok else 503, content=body)
 
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        """The try-it page: pick a user, click items, watch the recommendations change (gateway/web)."""
+        return FileResponse(WEB_DIR / "index.html", headers=PAGE_HEADERS)
+
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
         """Prometheus text format: requests and latency per route and RPC, stages, partial/degraded answers."""
@@ -195,6 +244,45 @@ def create_app(recommender: Recommender, on_ready: Callable[[], None] | None = N
     def forget_user(user_id: Annotated[str, Path(min_length=1, max_length=MAX_ID_LEN)]) -> ForgetOut:
         """Erase everything stored about the user: events and idempotency keys."""
         return ForgetOut(erased=recommender.forget(user_id))
+
+    @app.get("/v1/items", response_model=CatalogItemsOut, responses=ERRORS)
+    def list_items(
+        query: Annotated[
+            str,
+            Query(
+                max_length=MAX_QUERY_LEN,
+                description="words that must all appear in the title (case-insensitive); empty matches every item",
+                openapi_examples={"search": {"summary": "titles containing 'star'", "value": "star"}},
+            ),
+        ] = "",
+        ids: Annotated[
+            list[Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_LEN)]],
+            Query(
+                max_length=MAX_IDS,
+                description=f"only these items, in this order (repeat the parameter, up to {MAX_IDS}); unknown ids "
+                "are left out",
+                openapi_examples={"batch": {"summary": "two items by id", "value": ["50", "181"]}},
+            ),
+        ] = [],  # noqa: B006 (read only, never mutated)
+        limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="at most this many items")] = DEFAULT_LIMIT,
+    ) -> CatalogItemsOut:
+        """Find items by title, or fetch several by id: what the bundle knows of them (title, genres).
+
+        Without `ids`, title matches come first, then the more popular items; without a query either,
+        this lists the most popular items.
+        """
+        index = items_now()
+        found = index.search(query, ids, limit)
+        return CatalogItemsOut(items=[CatalogItemOut.of(i) for i in found], bundle_version=index.version)
+
+    @app.get(
+        "/v1/items/{item_id}",
+        response_model=CatalogItemOut,
+        responses={**ERRORS, 404: {"model": ErrorOut, "description": "the bundle being served has no such item"}},
+    )
+    def get_item(item_id: Annotated[str, Path(min_length=1, max_length=MAX_ID_LEN)]) -> CatalogItemOut:
+        """One item's title and genres, from the bundle being served."""
+        return CatalogItemOut.of(items_now().get(item_id))
 
     @app.post("/v1/recommendations", response_model=RecommendOut, responses=ERRORS)
     async def post_recommendations(body: RecommendIn) -> RecommendOut:

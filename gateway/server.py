@@ -1,4 +1,9 @@
-"""Starts the gateway: gRPC (Gateway + grpc.health.v1) and REST (FastAPI on uvicorn) in one process."""
+"""Starts the gateway: gRPC (Gateway + grpc.health.v1) and REST (FastAPI on uvicorn) in one process.
+
+TLS (SECURITY.md): with RECSYS_GATEWAY_TLS_CERT_FILE and _KEY_FILE, REST is HTTPS and the gRPC front door
+speaks TLS (clients authenticate with API keys or tokens, not certificates); with _TLS_CA_FILE as well, the
+calls to retrieval and ranking are mutual TLS, the gateway presenting the same certificate.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import dataclasses
 import logging
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,20 +20,31 @@ from types import FrameType
 
 import uvicorn
 
+from gateway.auth import Guard
+from gateway.auth_grpc import guard_servicer
 from gateway.clients import RankingClient, retrieval_client
 from gateway.config import GatewayConfig
 from gateway.core import BundleView, Recommender
+from gateway.modes import is_loopback, production_problems
 from gateway.privacy import Pseudonymizer, key_dir, load_user_key, read_key_file
 from gateway.rest import create_app
 from gateway.servicer import GatewayServicer
 from gateway.store import open_store
 from protos.recsys.v1 import gateway_pb2, gateway_pb2_grpc
+from recsys_common.config import ConfigError
 from recsys_common.grpc_server import announce, create_server, set_serving
 from recsys_common.logs import setup_logging
+from recsys_common.signing import BundleTrust
 from recsys_common.snapshot import SnapshotHolder
+from recsys_common.tls import TLSFiles
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 log = logging.getLogger("gateway")
+
+
+def gateway_tls(config: GatewayConfig) -> TLSFiles | None:
+    """The gateway's TLS files, loaded and checked (ConfigError naming the setting); None without TLS."""
+    return TLSFiles.from_config("RECSYS_GATEWAY_", config.tls_cert_file, config.tls_key_file, config.tls_ca_file)
 
 
 def build_recommender(config: GatewayConfig) -> Recommender:
@@ -42,8 +59,16 @@ def build_recommender(config: GatewayConfig) -> Recommender:
         user_ttl_s=config.user_ttl_s,
         trending_half_life_s=config.trending_half_life_s,
     )
+    tls = gateway_tls(config)
+    # Mutual TLS to the services needs the CA that signs their certificates.
+    credentials = tls.channel_credentials() if tls is not None and tls.ca_file is not None else None
+    trust = BundleTrust.from_config(config.mode, config.bundle_public_key_file, "RECSYS_GATEWAY_BUNDLE_PUBLIC_KEY_FILE")
     bundles = SnapshotHolder(
-        config.bundles_dir, lambda bundle: BundleView.load(bundle, config), config.poll_interval_s, name="gateway"
+        config.bundles_dir,
+        lambda bundle: BundleView.load(bundle, config),
+        config.poll_interval_s,
+        name="gateway",
+        trust=trust,
     )
     bundles.load_current(raise_errors=True)
     if config.poll_interval_s > 0:
@@ -53,9 +78,26 @@ def build_recommender(config: GatewayConfig) -> Recommender:
         bundles,
         store,
         Pseudonymizer(key),
-        retrieval_client(config.retrieval_addrs),
-        RankingClient(config.ranking_addr),
+        retrieval_client(config.retrieval_addrs, credentials),
+        RankingClient(config.ranking_addr, credentials),
     )
+
+
+def build_guard(config: GatewayConfig) -> Guard:
+    """Authentication and rate limits for both transports; exits with code 2 and one message naming everything
+    production mode misses, or what is wrong with a configured key file (auth is never silently off)."""
+    problems = production_problems(config)
+    if problems:
+        print(f"gateway: production mode refuses to start; missing: {'; '.join(problems)}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        guard = Guard.from_config(config)
+    except ConfigError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if guard.authenticator is None and not is_loopback(config.host):
+        log.warning("dev mode without authentication is listening on %s, beyond loopback", config.host)
+    return guard
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -92,12 +134,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         "ranking_addr": args.ranking,
     }
     config = dataclasses.replace(GatewayConfig.from_env(), **{k: v for k, v in overrides.items() if v is not None})
-    recommender = build_recommender(config)
+    guard = build_guard(config)
+    try:
+        tls = gateway_tls(config)
+        recommender = build_recommender(config)
+    except ConfigError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        sys.exit(2)
     recommender.warm_up()
 
-    servicer = GatewayServicer(recommender)
+    servicer = guard_servicer(GatewayServicer(recommender), guard)
     grpc_server, grpc_port, health = create_server(
-        [lambda s: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, s)], f"{config.host}:{config.grpc_port}"
+        [lambda s: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, s)],
+        f"{config.host}:{config.grpc_port}",
+        # One worker per admitted request, and no queue behind them: beyond max_inflight (plus the health
+        # checks' headroom) a call is refused at once, never left waiting past its deadline for a thread.
+        max_workers=config.max_inflight + 4,
+        credentials=tls.server_credentials(require_client_auth=False) if tls is not None else None,
+        max_concurrent_rpcs=config.max_inflight + 4,
     )
     grpc_server.start()
     set_serving(health, [SERVICE_NAME], True)
@@ -105,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     sock = _bind(config.host, config.http_port)
     http_port = sock.getsockname()[1]
-    app = create_app(recommender, on_ready=lambda: announce("gateway", http_port, args.port_file))
+    app = create_app(recommender, on_ready=lambda: announce("gateway", http_port, args.port_file), guard=guard)
     grpc_stopped: list[threading.Event] = []
 
     def drain() -> None:
@@ -117,7 +171,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             grpc_stopped.append(grpc_server.stop(config.grace_s))
 
     uv_config = uvicorn.Config(
-        app, log_config=None, access_log=False, timeout_graceful_shutdown=max(1, round(config.grace_s))
+        app,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=max(1, round(config.grace_s)),
+        **(tls.uvicorn_kwargs() if tls is not None else {}),
     )
     server = DrainingServer(uv_config, drain)
     # uvicorn restores these handlers after its shutdown and re-raises the signal it caught: it then lands

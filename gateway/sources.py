@@ -31,6 +31,7 @@ class SourceQuery:
     k: int
     bundle_version: str
     catalog: Catalog  # the request's bundle version's catalogue
+    user_key: str = ""  # the pseudonymized user key (never the raw id), for sources that know users
 
 
 @dataclass(frozen=True)

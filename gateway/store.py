@@ -6,6 +6,7 @@ Usage::
     store = open_store("redis://127.0.0.1:6379/0")         # several gateway replicas share it
     accepted = store.append([Event("u1", "i9", 1700000000, event_id="e-1")])
     history = store.recent("u1", 50)                       # newest 50, oldest first
+    store.version("u1")                                    # changes with every event stored for u1
     store.forget("u1")                                     # every trace of u1, dedupe keys included
     store.trending(20)                                     # [(item_id, decayed count), ...] best first
 
@@ -63,6 +64,14 @@ class UserStore(Protocol):
 
     def recent(self, user_id: str, n: int) -> list[Event]:
         """The user's newest n events, oldest first (by timestamp, then arrival)."""
+        ...
+
+    def version(self, user_id: str) -> str:
+        """A cheap token that changes whenever an event is stored for the user ("0": nothing stored).
+
+        Never repeats for a user, also after forget() or a TTL expiry, and is read from the store, so
+        every replica sharing it agrees: the answer cache keys on it (gateway/cache.py).
+        """
         ...
 
     def forget(self, user_id: str) -> int:

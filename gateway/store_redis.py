@@ -12,7 +12,7 @@ Keys (``{U}`` is the pseudonymized user key, a hash tag: one user's keys share a
 
     u:{U}:ev    ZSET  score = event timestamp, member = 16-hex arrival seq + JSON [item, event_id, type]
     u:{U}:dd    ZSET  event_id -> ms first seen (the dedupe window; survives trimming of :ev)
-    u:{U}:meta  HASH  seq (arrival counter)
+    u:{U}:meta  HASH  seq (arrival counter), epoch (random, set when the user's state is created)
     {trending}:z     ZSET item -> score relative to the epoch (see gateway.trending)
     {trending}:meta  HASH epoch, latest
 
@@ -26,6 +26,7 @@ An erased user is gone from the dataset at once, and from the AOF files at the n
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections import defaultdict
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -42,7 +43,7 @@ _APPEND = """
 local now, window, maxn, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. (now - window))
 local flags, added, ids = {}, 0, 0
-for i = 5, #ARGV, 4 do
+for i = 6, #ARGV, 4 do
   local item, ts, eid, typ = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local new = 1
   if eid ~= '' then
@@ -50,6 +51,7 @@ for i = 5, #ARGV, 4 do
     new = redis.call('ZADD', KEYS[2], 'NX', now, eid)
   end
   if new == 1 then
+    redis.call('HSETNX', KEYS[3], 'epoch', ARGV[5])
     local seq = redis.call('HINCRBY', KEYS[3], 'seq', 1)
     redis.call('ZADD', KEYS[1], ts, string.format('%016x', seq) .. cjson.encode({item, eid, typ}))
     added = added + 1
@@ -171,7 +173,9 @@ class RedisStore:
         for e in events:
             by_user[e.user_id].append(e)
         now_ms = int(time.time() * 1000)
-        head = [now_ms, s.dedupe_window_s * 1000, s.max_events_per_user, s.user_ttl_s or 0]
+        # The epoch nonce makes version() unique across a forget() or TTL expiry, which restart seq at 1.
+        head: list[str | int] = [now_ms, s.dedupe_window_s * 1000, s.max_events_per_user, s.user_ttl_s or 0]
+        head.append(secrets.token_hex(8))
         calls: list[list[Event]] = []
         try:
             pipe = self._r.pipeline(transaction=False)
@@ -215,6 +219,14 @@ class RedisStore:
             item_id, event_id, type_ = json.loads(member[16:])
             out.append(Event(user_id, item_id, int(score), event_id, type_))
         return out
+
+    def version(self, user_id: str) -> str:
+        """epoch:seq from the user's meta hash, which the append script updates atomically with the events."""
+        try:
+            epoch, seq = self._r.hmget(user_keys(user_id)[2], ["epoch", "seq"])
+        except redis.RedisError as exc:
+            raise self._error(exc) from exc
+        return "0" if seq is None else f"{epoch or ''}:{seq}"
 
     def forget(self, user_id: str) -> int:
         keys = user_keys(user_id)

@@ -255,6 +255,27 @@ class SQLiteStore:
             raise self._error(exc) from exc
         return [Event(u, i, t, e or "", ty) for u, i, t, e, ty in reversed(rows)]
 
+    def version(self, user_id: str) -> str:
+        """The highest seq among the user's stored events, "0" for none (or past the TTL).
+
+        seq is AUTOINCREMENT, so it is never reused, also after forget() or a TTL purge. Every stored
+        event of the user raises it; only an event that trimming drops at once (older than the newest
+        N) leaves it, and the events that recent() returns, unchanged.
+        """
+        try:
+            row = self._conn().execute(
+                "SELECT (SELECT max(seq) FROM events WHERE user_id = ?), "
+                "(SELECT last_seen_ms FROM users WHERE user_id = ?)",
+                (user_id, user_id),
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
+        seq, last_seen_ms = row
+        ttl = self.settings.user_ttl_s
+        if seq is None or (ttl is not None and (last_seen_ms is None or last_seen_ms < _now_ms() - ttl * 1000)):
+            return "0"
+        return str(seq)
+
     def forget(self, user_id: str) -> int:
         try:
             conn = self._conn()

@@ -73,7 +73,8 @@ def run_demo(
             f"  curl -s {url}/v1/recommendations -H 'Content-Type: application/json' "
             f'-d \'{{"user_id": "{user}", "k": 10}}\'\n'
             f"  curl -s {url}/v1/events -H 'Content-Type: application/json' "
-            f'-d \'{{"events": [{{"user_id": "{user}", "item_id": "{picks[-1][0]}", "timestamp": {now + 9}}}]}}\'',
+            f'-d \'{{"events": [{{"user_id": "{user}", "item_id": "{picks[-1][0]}", "timestamp": {now + 9}}}]}}\''
+            f"\n\nOr open {url}/ in a browser: pick \"New user\" (or {user}), click items, watch the list change.",
             flush=True,
         )
         return stack.wait() if keep_serving else 0

@@ -17,20 +17,51 @@ def _export(args: argparse.Namespace) -> int:
     from exporter.config import ExportConfig
     from exporter.distributed import ExecutorError, open_executor
     from exporter.pipeline import GateError, run_export
+    from recsys_common.config import ConfigError
 
     config = ExportConfig.from_json(args.config) if args.config else ExportConfig()
     try:
         with open_executor(args.ray) as executor:
             version = run_export(
-                config, args.data, args.out, progress=not args.quiet, executor=executor, index_shards=args.index_shards
+                config,
+                args.data,
+                args.out,
+                progress=not args.quiet,
+                executor=executor,
+                index_shards=args.index_shards,
+                signing_key=args.signing_key,
             )
-    except ExecutorError as exc:
+    except (ExecutorError, ConfigError) as exc:
         print(f"recsys export: {exc}", file=sys.stderr)
         return 2
     except GateError as exc:  # every quality gate: nothing published, CURRENT unchanged
         print(f"recsys export: {exc}", file=sys.stderr)
         return 3
     print(f"published bundle {version} in {args.out}")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from exporter.config import ExportConfig
+    from exporter.data import DataError, load_dataset
+    from exporter.tune import TuneSettings, tune
+    from exporter.tune_report import trials_table
+
+    try:
+        base = ExportConfig.from_json(args.config) if args.config else ExportConfig()
+        settings = TuneSettings(trials=args.trials, minutes=args.minutes, seed=args.seed, max_cases=args.max_cases)
+        # tqdm.write keeps the per-trial lines clear of optuna's progress bar.
+        result = tune(load_dataset(args.data), base, settings, args.out, progress=not args.quiet, log=tqdm.write)
+    except (DataError, ValueError) as exc:
+        print(f"recsys tune: {exc}", file=sys.stderr)
+        return 2
+    print(trials_table(result.summary, base.eval_k))
+    base_text = "failed" if result.base_value is None else f"{result.base_value:.4f}"
+    print(f"\nbest validation NDCG@{base.eval_k} {result.best_value:.4f} (base config {base_text})")
+    print(f"wrote {', '.join(str(p) for p in result.files)}")
+    print(f"next: recsys export --data {args.data} --out BUNDLES --config {args.out / 'config.json'}")
     return 0
 
 
@@ -121,6 +152,45 @@ def _import_events(args: argparse.Namespace) -> int:
     return 0
 
 
+def _new_api_key(args: argparse.Namespace) -> int:
+    from gateway.auth import key_file_line, new_api_key
+    from recsys_common.config import ConfigError
+
+    key = new_api_key()
+    try:
+        line = key_file_line(key, args.principal, args.scopes.split(","))
+    except ConfigError as exc:
+        print(f"recsys keys new-api-key: {exc}", file=sys.stderr)
+        return 2
+    print("API key (shown once: hand it to the client, keep it in a secret store; the gateway keeps only its hash):")
+    print(key)
+    if args.keys_file is not None:
+        fd = os.open(args.keys_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+        print(f"appended to {args.keys_file} (a running gateway picks it up within a second):")
+    else:
+        print("line for the keys file (RECSYS_GATEWAY_API_KEYS_FILE):")
+    print(line)
+    return 0
+
+
+def _new_bundle_key(args: argparse.Namespace) -> int:
+    from recsys_common.signing import write_key_pair
+
+    private, public = args.out / "bundle_signing.pem", args.out / "bundle_public.pem"
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        kid = write_key_pair(private, public)
+    except FileExistsError:
+        print(f"recsys keys new-bundle-key: {private} exists; not overwriting a signing key", file=sys.stderr)
+        return 2
+    print(f"bundle signing key {kid}:")
+    print(f"  {private}  private (0600): for `recsys export --signing-key` only; keep it off the serving hosts")
+    print(f"  {public}  public: RECSYS_{{RETRIEVAL,RANKING,GATEWAY}}_BUNDLE_PUBLIC_KEY_FILE (append it when rotating)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,7 +213,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="also check the index's recall as served by N retrieval shards (`serve --shards N`)",
     )
+    p.add_argument(
+        "--signing-key",
+        type=Path,
+        default=os.environ.get("RECSYS_EXPORT_SIGNING_KEY_FILE") or None,
+        help="sign the bundle with this Ed25519 private key, PEM (RECSYS_EXPORT_SIGNING_KEY_FILE; "
+        "`recsys keys new-bundle-key` makes one)",
+    )
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("tune", help="search export settings (Optuna) on a validation split of the training period")
+    p.add_argument("--data", type=Path, required=True, help="MovieLens 100K folder or generic-layout folder")
+    p.add_argument("--out", type=Path, required=True, help="folder for config.json, report.md, trials.png, trials.json")
+    p.add_argument("--config", type=Path, help="base ExportConfig as JSON: trial 0 and every unsearched setting")
+    p.add_argument("--trials", type=int, default=20, help="stop after this many trials (default 20)")
+    p.add_argument("--minutes", type=float, help="also stop starting trials after this many minutes")
+    p.add_argument("--seed", type=int, default=0, help="the sampler's seed (training is seeded by the config's seed)")
+    p.add_argument("--max-cases", type=int, default=2000, help="validation cases per protocol (a seeded sample)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_tune)
 
     p = sub.add_parser("report", help="print a bundle's evaluation report and write report.md and PNG plots")
     p.add_argument("bundle", type=Path, help="a bundles directory (its CURRENT version) or one version's directory")
@@ -196,6 +284,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-events-per-user", type=int, default=200, help="newest N events kept per user")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_import_events)
+
+    keys = sub.add_parser("keys", help="credentials for the gateway").add_subparsers(dest="keys_command", required=True)
+    p = keys.add_parser("new-api-key", help="make an API key: prints it once, and its keys-file line")
+    p.add_argument("--principal", required=True, help="who holds the key (letters, digits, . _ @ -)")
+    p.add_argument(
+        "--scopes", required=True, help="comma-separated: recommendations:read, events:write, users:erase"
+    )
+    p.add_argument("--keys-file", type=Path, help="append the line to this keys file (created 0600 if missing)")
+    p.set_defaults(func=_new_api_key)
+    p = keys.add_parser("new-bundle-key", help="make an Ed25519 key pair for signing bundles")
+    p.add_argument("--out", type=Path, required=True, help="folder for bundle_signing.pem and bundle_public.pem")
+    p.set_defaults(func=_new_bundle_key)
     return parser
 
 

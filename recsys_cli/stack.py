@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -136,10 +137,18 @@ class Stack:
         self._wait_port("gateway-grpc", deadline)
         self._wait_healthy(deadline)
 
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        """With REST over TLS (RECSYS_GATEWAY_TLS_CERT_FILE in env), trust the gateway's CA for the health check."""
+        if self.scheme != "https":
+            return None
+        ca = self.env.get("RECSYS_GATEWAY_TLS_CA_FILE") or None
+        return ssl.create_default_context(cafile=ca)
+
     def _wait_healthy(self, deadline: float) -> None:
+        context = self._ssl_context()
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(f"{self.http_url}/healthz", timeout=2) as reply:
+                with urllib.request.urlopen(f"{self.http_url}/healthz", timeout=2, context=context) as reply:
                     if reply.status == 200:
                         return
             except (urllib.error.URLError, OSError):
@@ -187,8 +196,12 @@ class Stack:
 
     # -- addresses ----------------------------------------------------------------------------
     @property
+    def scheme(self) -> str:
+        return "https" if self.env.get("RECSYS_GATEWAY_TLS_CERT_FILE") else "http"
+
+    @property
     def http_url(self) -> str:
-        return f"http://{self.host}:{self.ports['gateway']}"
+        return f"{self.scheme}://{self.host}:{self.ports['gateway']}"
 
     @property
     def grpc_addr(self) -> str:

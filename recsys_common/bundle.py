@@ -2,7 +2,8 @@
 
 A bundle is an immutable directory ``BUNDLES_DIR/<version>/`` whose ``manifest.json`` lists
 every other file with its sha256. ``BUNDLES_DIR/CURRENT`` names the published version and is
-swapped atomically, so a reader sees either the old or the new version, never a mix.
+swapped atomically, so a reader sees either the old or the new version, never a mix. A signed bundle
+also holds ``manifest.sig``, an Ed25519 signature over the manifest's exact bytes (recsys_common.signing).
 """
 
 from __future__ import annotations
@@ -16,16 +17,23 @@ import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from recsys_common.errors import BundleMismatch, BundleUnavailable
+from recsys_common.onnx_external import NotAModel, external_references
+from recsys_common.signing import MAX_SIGNATURE_BYTES, SIGNATURE, BundleTrust, sign_manifest
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
 _STAGING_PREFIX = ".staging-"
+# A manifest (with its evaluation report) is tens of KiB; a bigger file is refused before it is parsed.
+MAX_MANIFEST_BYTES = 64 << 20
 
 
 def sha256_file(path: Path) -> str:
@@ -81,11 +89,18 @@ class BundleWriter:
     def staging(self) -> Path:
         return self._staging
 
-    def publish(self, manifest: dict[str, Any], make_current: bool = True, keep: int | None = None) -> str:
+    def publish(
+        self,
+        manifest: dict[str, Any],
+        make_current: bool = True,
+        keep: int | None = None,
+        signing_key: Ed25519PrivateKey | None = None,
+    ) -> str:
         """Seal staging as the new version, point CURRENT at it, then keep only the newest ``keep`` versions.
 
-        Retention never removes the new version, CURRENT, or the version CURRENT named before (a service may
-        still be serving it while it swaps).
+        With a signing_key, manifest.sig (a signature over the manifest's exact bytes) is written in staging,
+        so the version appears signed or not at all. Retention never removes the new version, CURRENT, or the
+        version CURRENT named before (a service may still be serving it while it swaps).
         """
         try:
             previous = current_version(self.bundles_dir)
@@ -93,8 +108,8 @@ class BundleWriter:
             previous = None
         files = {}
         for path in sorted(self._staging.iterdir()):
-            if path.name == MANIFEST:
-                raise ValueError(f"{MANIFEST} is written by publish(); do not stage it")
+            if path.name in (MANIFEST, SIGNATURE):
+                raise ValueError(f"{path.name} is written by publish(); do not stage it")
             if not path.is_file():
                 raise ValueError(f"bundles are flat: {path.name} is not a regular file")
             with path.open("rb") as f:
@@ -107,7 +122,10 @@ class BundleWriter:
             **{k: v for k, v in manifest.items() if k not in ("files", "version", "format_version")},
             "files": files,
         }
-        _write_durably(self._staging / MANIFEST, json.dumps(full, indent=2, sort_keys=True).encode())
+        manifest_bytes = json.dumps(full, indent=2, sort_keys=True).encode()
+        _write_durably(self._staging / MANIFEST, manifest_bytes)
+        if signing_key is not None:
+            _write_durably(self._staging / SIGNATURE, sign_manifest(manifest_bytes, signing_key))
         _fsync_dir(self._staging)
         final = self.bundles_dir / self.version
         os.rename(self._staging, final)
@@ -202,6 +220,8 @@ class Bundle:
     version: str
     path: Path
     manifest: dict[str, Any] = field(repr=False)
+    # The id of the trusted key whose signature was verified; None when unsigned or not checked.
+    signed_by: str | None = None
 
     def file(self, name: str) -> Path:
         if name not in self.manifest["files"]:
@@ -213,8 +233,8 @@ def _check_name(version: str, name: object) -> str:
     """A manifest file name must be a plain file name inside the bundle directory."""
     if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
         raise BundleMismatch(f"bundle {version}: file {name!r} is a path that leaves the bundle directory")
-    if name == MANIFEST:
-        raise BundleMismatch(f"bundle {version}: file {name} must not list itself")
+    if name in (MANIFEST, SIGNATURE):
+        raise BundleMismatch(f"bundle {version}: file {name} must not be listed in the manifest")
     return name
 
 
@@ -235,7 +255,7 @@ def _check_layout(version: str, path: Path, files: dict[str, Any]) -> None:
         size = file.stat().st_size
         if size != meta["bytes"]:
             raise BundleMismatch(f"bundle {version}: file {name} has {size} bytes, the manifest says {meta['bytes']}")
-    extra = sorted(p.name for p in path.iterdir() if p.name != MANIFEST and p.name not in files)
+    extra = sorted(p.name for p in path.iterdir() if p.name not in (MANIFEST, SIGNATURE) and p.name not in files)
     if extra:
         raise BundleMismatch(f"bundle {version}: file {extra[0]} is not listed in the manifest (extra files: {extra})")
 
@@ -260,10 +280,39 @@ def _faiss_header(file: Path) -> tuple[int, int]:
     return int(np.frombuffer(head, "<i4", 1, 4)[0]), int(np.frombuffer(head, "<i8", 1, 8)[0])
 
 
+def _section(version: str, parent: dict[str, Any], key: str, prefix: str = "") -> dict[str, Any]:
+    """parent[key] as a dict ({} when absent); BundleMismatch when it is something else."""
+    value = parent.get(key, {})
+    if not isinstance(value, dict):
+        raise BundleMismatch(f"bundle {version}: {MANIFEST} {prefix}{key} is {type(value).__name__}, not an object")
+    return value
+
+
+def _check_models(version: str, path: Path, files: dict[str, Any]) -> None:
+    """ONNX models keep their data inside themselves, or in a file the manifest pins (onnx_external)."""
+    for name in files:
+        if not name.endswith(".onnx"):
+            continue
+        try:
+            refs = external_references((path / name).read_bytes())
+        except NotAModel as exc:
+            raise BundleMismatch(f"bundle {version}: file {name} is {exc}") from None
+        for where, location in refs:
+            if location not in files or location == name or _is_path(location):
+                raise BundleMismatch(
+                    f"bundle {version}: file {name} {where} keeps its data in {location!r}, which is not a file "
+                    "listed in the manifest (external data must stay inside the bundle)"
+                )
+
+
+def _is_path(name: str) -> bool:
+    return "/" in name or "\\" in name or name in (".", "..")
+
+
 def _check_dimensions(version: str, path: Path, manifest: dict[str, Any]) -> None:
     """The arrays and the index agree with the manifest's embedding dimension and item count (headers only)."""
     files = manifest.get("files", {})
-    dim = manifest.get("embedding", {}).get("dim")
+    dim = _section(version, manifest, "embedding").get("dim")
     if dim is None:
         return
     if not isinstance(dim, int) or dim <= 0:
@@ -284,35 +333,69 @@ def _check_dimensions(version: str, path: Path, manifest: dict[str, Any]) -> Non
             raise BundleMismatch(f"bundle {version}: file items.faiss is not a FAISS index ({exc})") from None
         if d != dim:
             raise BundleMismatch(f"bundle {version}: file items.faiss has dimension {d}, the manifest says {dim}")
-        want = manifest.get("index", {}).get("ntotal")
+        want = _section(version, manifest, "index").get("ntotal")
         if want is not None and ntotal != want:
             raise BundleMismatch(
                 f"bundle {version}: file items.faiss holds {ntotal} vectors, the manifest index.ntotal says {want}"
             )
-    tower = manifest.get("models", {}).get("user_tower", {})
-    for out in tower.get("outputs", []) or []:
+    tower = _section(version, _section(version, manifest, "models"), "user_tower", "models.")
+    outputs = tower.get("outputs") or []
+    for out in outputs if isinstance(outputs, list) else []:
         shape = out.get("shape") if isinstance(out, dict) else None
-        if shape and isinstance(shape[-1], int) and shape[-1] != dim:
+        if isinstance(shape, list) and shape and isinstance(shape[-1], int) and shape[-1] != dim:
             raise BundleMismatch(
                 f"bundle {version}: file {tower.get('file', 'user_tower.onnx')} outputs {out.get('name')} of "
                 f"dimension {shape[-1]}, the manifest says {dim}"
             )
 
 
-def open_bundle(bundles_dir: Path, version: str | None = None) -> Bundle:
-    """Resolve (CURRENT when version is None) and verify a bundle; raise with the file and the reason."""
+def _read_capped(path: Path, limit: int) -> bytes:
+    with path.open("rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise BundleMismatch(f"{path.name} is larger than {limit} bytes")
+    return data
+
+
+def _read_signature(version: str, path: Path) -> bytes | None:
+    try:
+        return _read_capped(path / SIGNATURE, MAX_SIGNATURE_BYTES)
+    except FileNotFoundError:
+        return None
+    except BundleMismatch as exc:
+        raise BundleMismatch(f"bundle {version}: file {exc}") from None
+    except OSError as exc:
+        raise BundleMismatch(f"bundle {version}: cannot read {SIGNATURE} ({exc.strerror})") from None
+
+
+def open_bundle(bundles_dir: Path, version: str | None = None, trust: BundleTrust | None = None) -> Bundle:
+    """Resolve (CURRENT when version is None) and verify a bundle; raise with the file and the reason.
+
+    With trust, manifest.sig is checked against the manifest's bytes before they are parsed and before any
+    other file of the bundle is opened (recsys_common.signing.BundleTrust says when a signature is required).
+    Only RecsysError subclasses leave this function, whatever is on disk.
+    """
     bundles_dir = Path(bundles_dir)
     version = version or current_version(bundles_dir)
-    if not version or "/" in version or "\\" in version or version.startswith("."):
+    if not version or "/" in version or "\\" in version or "\x00" in version or version.startswith("."):
         raise BundleMismatch(f"bundle {version!r}: not a version name (a path that leaves the bundles directory)")
     path = bundles_dir / version
     manifest_path = path / MANIFEST
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest_bytes = _read_capped(manifest_path, MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         raise BundleUnavailable(f"bundle {version}: {manifest_path} does not exist") from None
-    except json.JSONDecodeError as exc:
+    except BundleMismatch as exc:
+        raise BundleMismatch(f"bundle {version}: {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise BundleMismatch(f"bundle {version}: cannot read {MANIFEST} ({exc})") from None
+    signed_by = trust.check(version, manifest_bytes, _read_signature(version, path)) if trust is not None else None
+    try:
+        manifest = json.loads(manifest_bytes)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise BundleMismatch(f"bundle {version}: {MANIFEST} is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise BundleMismatch(f"bundle {version}: {MANIFEST} is {type(manifest).__name__}, not a JSON object")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BundleMismatch(
             f"bundle {version}: {MANIFEST} format_version is {manifest.get('format_version')!r}, "
@@ -323,14 +406,18 @@ def open_bundle(bundles_dir: Path, version: str | None = None) -> Bundle:
     files = manifest.get("files")
     if not isinstance(files, dict):
         raise BundleMismatch(f"bundle {version}: {MANIFEST} has no files table")
-    # Cheap structural checks first (names, extra files, sizes), then checksums, then shapes: a bundle is
-    # refused before any of its artifacts is loaded.
-    _check_layout(version, path, files)
-    for name, meta in files.items():
-        digest = sha256_file(path / name)
-        if digest != meta["sha256"]:
-            raise BundleMismatch(
-                f"bundle {version}: file {name} has sha256 {digest}, the manifest says {meta['sha256']}"
-            )
-    _check_dimensions(version, path, manifest)
-    return Bundle(version=version, path=path, manifest=manifest)
+    # Cheap structural checks first (names, extra files, sizes), then checksums, then headers and model
+    # references: a bundle is refused before any of its artifacts is loaded.
+    try:
+        _check_layout(version, path, files)
+        for name, meta in files.items():
+            digest = sha256_file(path / name)
+            if digest != meta["sha256"]:
+                raise BundleMismatch(
+                    f"bundle {version}: file {name} has sha256 {digest}, the manifest says {meta['sha256']}"
+                )
+        _check_dimensions(version, path, manifest)
+        _check_models(version, path, files)
+    except (OSError, ValueError) as exc:  # e.g. a name too long for the filesystem, or not encodable
+        raise BundleMismatch(f"bundle {version}: cannot check its files ({type(exc).__name__}: {exc})") from None
+    return Bundle(version=version, path=path, manifest=manifest, signed_by=signed_by)

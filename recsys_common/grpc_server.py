@@ -46,21 +46,37 @@ def create_server(
     register: Iterable[Callable[[grpc.Server], None]],
     address: str,
     max_workers: int = 8,
+    credentials: grpc.ServerCredentials | None = None,
+    max_concurrent_rpcs: int | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """Build a server with the app servicers and grpc.health.v1, bound to address (port 0 = any)."""
+    """Build a server with the app servicers and grpc.health.v1, bound to address (port 0 = any).
+
+    With credentials (recsys_common.tls.TLSFiles.server_credentials) the port speaks only TLS. Beyond
+    max_concurrent_rpcs, calls get RESOURCE_EXHAUSTED at once instead of waiting for a worker thread.
+    """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
         options=[("grpc.max_receive_message_length", 32 << 20), ("grpc.so_reuseport", 0)],
         interceptors=[ServerTelemetry()],
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
     for add in register:
         add(server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(address)
+    port = bind(server, address, credentials)
+    return server, port, health_servicer
+
+
+def bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
+    """Add the listening port (TLS when credentials are given); the bound port, or OSError."""
+    if credentials is not None:
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind gRPC server to {address}")
-    return server, port, health_servicer
+    return port
 
 
 def set_serving(health_servicer: health.HealthServicer, service_names: Iterable[str], serving: bool) -> None:

@@ -8,11 +8,11 @@ gateway share one implementation::
     holder.start()                 # background thread polls CURRENT
     snapshot = holder.get()        # one reference per request, used from start to end
 
-A new version is verified (every checksum, no extra file, no path leaving the directory, shapes) by
-recsys_common.bundle.open_bundle before the loader runs, so nothing of a damaged bundle is ever
-loaded; a refused version is logged once with the file and the reason, remembered, and the old
-snapshot keeps serving. Polling needs no extra dependency and works on every filesystem (inotify
-does not see a CURRENT replaced over NFS or a mounted ConfigMap).
+A new version is verified (its signature when a BundleTrust is given, every checksum, no extra file, no
+path leaving the directory, shapes) by recsys_common.bundle.open_bundle before the loader runs, so
+nothing of a damaged or wrongly signed bundle is ever loaded; a refused version is logged once with
+the file and the reason, remembered, and the old snapshot keeps serving. Polling needs no extra
+dependency and works on every filesystem (inotify does not see a CURRENT replaced over NFS or a mounted ConfigMap).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Generic, TypeVar
 from recsys_common.bundle import Bundle, current_version, open_bundle
 from recsys_common.errors import BundleMismatch, BundleUnavailable, RecsysError
 from recsys_common.metrics import BUNDLE_REFUSED, BUNDLE_SWAPS, set_bundle_version
+from recsys_common.signing import BundleTrust
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,10 @@ class SnapshotHolder(Generic[T]):
         poll_interval_s: float = 1.0,
         finalize: Callable[[T], T] | None = None,
         name: str = "snapshot",
+        trust: BundleTrust | None = None,
     ) -> None:
         self.bundles_dir = Path(bundles_dir)
+        self.trust = trust
         self.loader = loader
         self.poll_interval_s = poll_interval_s
         self.finalize = finalize
@@ -130,7 +133,8 @@ class SnapshotHolder(Generic[T]):
             if version == self._version or version in self._refused:
                 return False
             try:
-                bundle = open_bundle(self.bundles_dir, version)  # verify everything before loading anything
+                # Verify everything (signature first) before loading anything.
+                bundle = open_bundle(self.bundles_dir, version, self.trust)
                 snapshot = self.loader(bundle)
             except Exception as err:
                 if raise_errors:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recsys_common.config import ConfigError, check_positive, from_env
+from recsys_common.tls import check_service_security
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,18 @@ class RetrievalConfig:
     metrics_port: int = 0
     # SIGTERM: report NOT_SERVING at once, then let in-flight requests finish for up to this long.
     grace_s: float = 5.0
+    # "dev" (default): TLS and bundle signatures only when configured. "production": refuses to start
+    # without the TLS files and the bundle public key, and serves only signed bundles (SECURITY.md).
+    mode: str = "dev"
+    # Mutual TLS (recsys_common/tls.py): this server's certificate and key, and the CA that signs clients.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+    # Ed25519 public key(s), PEM, that bundles must be signed with (recsys_common/signing.py).
+    bundle_public_key_file: Path | None = None
 
     def __post_init__(self) -> None:
+        check_service_security("RECSYS_RETRIEVAL_", self)
         for name in (
             "max_workers",
             "max_concurrent_rpcs",

@@ -8,6 +8,10 @@ thread watches CURRENT and swaps in new versions (recsys_common.snapshot); a dam
 refused with a log line and health stays SERVING on the old one. SIGTERM/SIGINT: NOT_SERVING at once,
 stop accepting, let in-flight requests finish (grace_s), exit 0. Server reflection is on, so
 `grpcurl -plaintext HOST:PORT list` shows the services.
+
+Security (SECURITY.md): with RECSYS_RETRIEVAL_TLS_CERT_FILE/_KEY_FILE/_CA_FILE the port speaks mutual TLS only
+(clients need a certificate from the CA); with RECSYS_RETRIEVAL_BUNDLE_PUBLIC_KEY_FILE bundle signatures are
+checked, and in production mode (RECSYS_RETRIEVAL_MODE=production) unsigned bundles are refused.
 """
 
 from __future__ import annotations
@@ -28,10 +32,13 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
 from recsys_common.bundle import Bundle
-from recsys_common.grpc_server import announce, set_serving
+from recsys_common.config import ConfigError
+from recsys_common.grpc_server import announce, bind, set_serving
 from recsys_common.logs import setup_logging
 from recsys_common.metrics import ServerTelemetry, serve_metrics
+from recsys_common.signing import BundleTrust
 from recsys_common.snapshot import SnapshotHolder
+from recsys_common.tls import TLSFiles
 from retrieval_svc.ann import FilterPolicy, Shard
 from retrieval_svc.config import RetrievalConfig
 from retrieval_svc.core import Retriever
@@ -69,6 +76,9 @@ def make_holder(config: RetrievalConfig, runtime: RuntimeUnavailable) -> Snapsho
         poll_interval_s=config.poll_interval_s,
         finalize=runtime.apply,
         name=f"retrieval[{shard}]",
+        trust=BundleTrust.from_config(
+            config.mode, config.bundle_public_key_file, "RECSYS_RETRIEVAL_BUNDLE_PUBLIC_KEY_FILE"
+        ),
     )
 
 
@@ -90,9 +100,9 @@ def build(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise OSError(f"could not bind gRPC server to {config.host}:{config.port}")
+    tls = TLSFiles.from_config("RECSYS_RETRIEVAL_", config.tls_cert_file, config.tls_key_file, config.tls_ca_file)
+    credentials = tls.server_credentials(require_client_auth=tls.ca_file is not None) if tls else None
+    port = bind(server, f"{config.host}:{config.port}", credentials)
     return server, port, health_servicer, holder
 
 
@@ -143,5 +153,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "shard": args.shard,
         "poll_interval_s": args.poll_interval_s,
     }
-    config = dataclasses.replace(RetrievalConfig.from_env(), **{k: v for k, v in overrides.items() if v is not None})
-    sys.exit(serve(config, args.port_file))
+    try:
+        given = {k: v for k, v in overrides.items() if v is not None}
+        config = dataclasses.replace(RetrievalConfig.from_env(), **given)
+        code = serve(config, args.port_file)
+    except ConfigError as exc:  # a missing or unusable setting: one line naming it, exit code 2
+        print(f"retrieval: {exc}", file=sys.stderr)
+        code = 2
+    sys.exit(code)

@@ -32,9 +32,12 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from gateway.config import GatewayConfig
+from gateway.modes import production_problems
 from ranking_svc.config import RankingConfig
 from recsys_cli.main import build_parser
+from recsys_common.config import ConfigError
 from retrieval_svc.config import RetrievalConfig
+from tests.pki import CA
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -264,12 +267,16 @@ def test_ports_probes_and_settings_match_what_the_services_bind(render_name: str
         assert int(annotations["prometheus.io/port"]) == metrics_port and metrics_port in ports, where
         for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
             probe = c[probe_name]
-            action = probe.get("grpc") or probe.get("httpGet")
-            assert action["port"] in listen_ports(config), f"{where}: {probe_name} port {action['port']}"
-            if "grpc" in probe:
-                assert probe["grpc"]["service"] == "" and ports[action["port"]] == "grpc", where
+            if "exec" in probe:  # healthcheck.py over TLS (test_probes_speak_tls_with_the_pods_own_files)
+                args = healthcheck.build_parser().parse_args(probe["exec"]["command"][2:])
+                action = {"port": int(args.address.rsplit(":", 1)[1]), "service": args.service}
             else:
+                action = probe.get("grpc") or probe.get("httpGet")
+            assert action["port"] in listen_ports(config), f"{where}: {probe_name} port {action['port']}"
+            if "httpGet" in probe:
                 assert action["path"] == "/healthz" and action["port"] == config.http_port, where
+            else:
+                assert action["service"] == "" and ports[action["port"]] == "grpc", where
         mounts = {m["name"]: m for m in c["volumeMounts"]}
         volumes = {v["name"]: v for v in doc["spec"]["template"]["spec"]["volumes"]}
         bundles = next(m for m in mounts.values() if m["mountPath"] == str(config.bundles_dir))
@@ -352,18 +359,165 @@ def redis_is_durable(command: list[str]) -> bool:
     return command[0] == "redis-server" and durable
 
 
-def test_gateway_reads_the_user_key_from_the_secret() -> None:
-    doc = find(BASE, "Deployment", "gateway")
-    (c,) = doc["spec"]["template"]["spec"]["containers"]
-    config = service_config(container_env(BASE, c), "RECSYS_GATEWAY_")
-    assert config.mode == "production" and config.user_key is None
-    mount = next(m for m in c["volumeMounts"] if str(config.user_key_file).startswith(m["mountPath"] + "/"))
-    volume = next(v for v in doc["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
-    secret = volume["secret"]
-    assert [i["path"] for i in secret["items"]] == [config.user_key_file.name]
+# -- production mode: Secrets as files, mutual TLS, probes that speak it ------------------------------------
+
+SECRETS_DIR = Path("/var/run/secrets/recsys")
+
+
+def mounted_file(doc: dict[str, Any], container: dict[str, Any], path: Path) -> tuple[str, str, str]:
+    """(kind, name, key) of the Secret or ConfigMap entry that appears at `path` inside the container.
+
+    The path must lie under one of the container's read-only mounts, and that volume must project exactly this
+    file (an item with its path), so a setting that names a file the pod does not have fails here.
+    """
+    spec = pod_spec(doc)
+    mounts = [m for m in container.get("volumeMounts", []) if Path(path).is_relative_to(m["mountPath"])]
+    assert len(mounts) == 1, f"{path}: under {len(mounts)} mounts of {doc['metadata']['name']}/{container['name']}"
+    (mount,) = mounts
+    assert mount.get("readOnly") is True and "subPath" not in mount, f"{path}: mount {mount['name']} must be read-only"
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    relative = str(Path(path).relative_to(mount["mountPath"]))
+    sources = volume["projected"]["sources"] if "projected" in volume else [volume]
+    hits = []
+    for source in sources:
+        for kind in ("secret", "configMap"):
+            if kind in source:
+                name = source[kind].get("secretName") or source[kind].get("name")
+                hits += [(kind, name, i["key"]) for i in source[kind].get("items", []) if i["path"] == relative]
+    assert len(hits) == 1, f"{path}: volume {volume['name']} provides it {len(hits)} times (list it in items)"
+    return hits[0]
+
+
+def file_settings(config: Any) -> dict[str, Path]:
+    """The config's key and certificate files that are set (fields named *_file)."""
+    names = [f.name for f in dataclasses.fields(config) if f.name.endswith("_file")]
+    return {name: getattr(config, name) for name in names if getattr(config, name) is not None}
+
+
+@pytest.mark.parametrize("render_name", RENDERS)
+def test_file_settings_point_into_mounted_secrets(render_name: str) -> None:
+    docs = RENDERS[render_name]
+    for doc, c, config in serving_containers(docs):
+        files = file_settings(config)
+        assert files, f"{doc['metadata']['name']}: no key or certificate files"
+        for name, path in files.items():
+            kind, _, _ = mounted_file(doc, c, path)
+            assert kind == "secret", f"{doc['metadata']['name']}: {name} must come from a Secret"
+        assert all(Path(p).is_relative_to(SECRETS_DIR) for p in files.values())
+
+
+@pytest.mark.parametrize("render_name", RENDERS)
+def test_production_pods_have_everything_production_needs(render_name: str, tmp_path: Path) -> None:
+    """Every service runs in production mode, and the code's own checks find nothing missing.
+
+    Retrieval's and ranking's configs run recsys_common.tls.check_service_security when built (service_config
+    would raise). The gateway's gateway.modes.production_problems also wants every file readable: each mounted
+    file is materialized under tmp_path (mounted_file proves the pod has it) and the check runs on those paths.
+    """
+    docs = RENDERS[render_name]
+    seen = set()
+    for doc, c, config in serving_containers(docs):
+        seen.add(type(config))
+        assert config.mode == "production", doc["metadata"]["name"]
+        assert config.tls_ca_file is not None, f"{doc['metadata']['name']}: mutual TLS needs the CA"
+        local = {}
+        for name, path in file_settings(config).items():
+            mounted_file(doc, c, path)
+            copy_at = tmp_path / doc["metadata"]["name"] / Path(path).relative_to("/")
+            copy_at.parent.mkdir(parents=True, exist_ok=True)
+            copy_at.write_text("placeholder\n")
+            local[name] = copy_at
+        if isinstance(config, GatewayConfig):
+            assert config.user_key is None, "the user key comes from a file, never from the ConfigMap"
+            assert production_problems(dataclasses.replace(config, **local)) == []
+    assert seen == {GatewayConfig, RetrievalConfig, RankingConfig}
+
+
+def test_production_checks_catch_a_missing_setting() -> None:
+    """The test above can fail: drop one production setting from the rendered gateway and services."""
+    for _, c, config in serving_containers(BASE):
+        env = container_env(BASE, c)
+        prefix = SERVICE_MODULES[module_of(c["command"])]
+        del env[f"{prefix}BUNDLE_PUBLIC_KEY_FILE"]
+        if isinstance(config, GatewayConfig):
+            assert any("BUNDLE_PUBLIC_KEY_FILE" in p for p in production_problems(service_config(env, prefix)))
+        else:
+            with pytest.raises(ConfigError, match="BUNDLE_PUBLIC_KEY_FILE"):
+                service_config(env, prefix)
+
+
+def dialled_names(docs: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """Workload name -> the host names the gateway dials it by (its certificate must carry them as SANs)."""
+    (config,) = [cfg for _, _, cfg in serving_containers(docs) if isinstance(cfg, GatewayConfig)]
+    names: dict[str, set[str]] = {}
+    for address in [*config.retrieval_addrs, config.ranking_addr]:
+        host = address.rsplit(":", 1)[0]
+        selector = find(docs, "Service", host)["spec"]["selector"].items()
+        for doc, _ in workloads(docs):
+            if doc["kind"] == "Deployment" and selector <= doc["spec"]["template"]["metadata"]["labels"].items():
+                names.setdefault(doc["metadata"]["name"], set()).add(host)
+    return names
+
+
+@pytest.mark.parametrize("render_name", RENDERS)
+def test_probes_speak_tls_with_the_pods_own_files(render_name: str) -> None:
+    """The kubelet's grpc: probe has no TLS, so TLS ports are probed by healthcheck.py (exec) with the files the
+    service itself uses: its certificate as the client certificate, the CA, and the name its clients dial."""
+    docs = RENDERS[render_name]
+    dialled = dialled_names(docs)
+    for doc, c, config in serving_containers(docs):
+        name = doc["metadata"]["name"]
+        probes = {k: c[k] for k in ("startupProbe", "readinessProbe", "livenessProbe") if k in c}
+        assert set(probes) == {"startupProbe", "readinessProbe", "livenessProbe"}, name
+        for kind, probe in probes.items():
+            assert "grpc" not in probe, f"{name} {kind}: the kubelet's grpc: probe cannot speak TLS"
+            if "httpGet" in probe:
+                assert isinstance(config, GatewayConfig) and probe["httpGet"]["port"] == config.http_port
+                assert probe["httpGet"]["scheme"] == "HTTPS", f"{name} {kind}: REST is HTTPS with TLS files"
+                continue
+            command = probe["exec"]["command"]
+            assert command[:2] == ["python", "/opt/recsys/healthcheck.py"], f"{name} {kind}"
+            args = healthcheck.build_parser().parse_args(command[2:])
+            assert args.kind == "grpc" and args.tls_ca == config.tls_ca_file, f"{name} {kind}"
+            host, port = args.address.rsplit(":", 1)
+            assert host == "127.0.0.1" and int(port) in listen_ports(config), f"{name} {kind}: {args.address}"
+            assert probe["timeoutSeconds"] >= 3, f"{name} {kind}: a Python probe needs a few hundred ms to start"
+            if isinstance(config, GatewayConfig):
+                assert int(port) == config.grpc_port and args.server_name == name
+            else:  # mutual TLS: without a client certificate the handshake fails
+                assert (args.tls_cert, args.tls_key) == (config.tls_cert_file, config.tls_key_file), f"{name} {kind}"
+                assert args.server_name in dialled[name], f"{name} {kind}: --server-name {args.server_name}"
+    assert "/opt/recsys/healthcheck.py" in " ".join(dockerfile_lines("Dockerfile.serving"))
+
+
+def test_key_material_is_created_out_of_band_and_documented() -> None:
+    """No Secret in git; every Secret the pods mount has its kubectl command in deploy/README.md."""
+    assert not [d for d in BASE + OVERLAY + TOOLS if d["kind"] == "Secret"], "no key material in git"
     readme = (DEPLOY / "README.md").read_text()
-    assert f"create secret generic {secret['secretName']} --from-file={secret['items'][0]['key']}=" in readme
-    assert not [d for d in BASE + OVERLAY if d["kind"] == "Secret"], "no key material in git"
+    secrets: dict[str, set[str]] = {}
+    for _, spec in workloads(BASE + OVERLAY):
+        for volume in spec.get("volumes", []):
+            sources = volume["projected"]["sources"] if "projected" in volume else [volume]
+            for source in (s["secret"] for s in sources if "secret" in s):
+                name = source.get("secretName") or source.get("name")
+                secrets.setdefault(name, set()).update(i["key"] for i in source["items"])
+    assert {"recsys-user-key", "recsys-gateway-api-keys", "recsys-ca", "recsys-bundle-public-key"} <= set(secrets)
+    assert {"recsys-bundle-signing-key", "recsys-gateway-tls", "recsys-retrieval-tls", "recsys-ranking-tls"} <= set(
+        secrets
+    )
+    for name, keys in secrets.items():
+        if keys == {"tls.crt", "tls.key"}:
+            assert f"create secret tls {name} " in readme, f"README: how to create Secret {name}"
+        else:
+            for key in keys:
+                assert re.search(rf"create secret generic {name} [^\n]*--from-file={re.escape(key)}=", readme), (
+                    f"README: how to create Secret {name} with key {key}"
+                )
+    # The signing key reaches the exporter only; serving pods get the public key.
+    for doc, spec in workloads(BASE + OVERLAY):
+        text = yaml.safe_dump(spec)
+        is_exporter = doc["kind"] == "CronJob"
+        assert ("recsys-bundle-signing-key" in text) == is_exporter, doc["metadata"]["name"]
 
 
 def test_retrieval_shards_do_not_drift_from_the_base() -> None:
@@ -394,6 +548,9 @@ def test_exporter_job_writes_where_services_read(render_name: str) -> None:
     assert not out.get("readOnly") and volumes[out["name"]]["persistentVolumeClaim"]["claimName"] == "recsys-bundles"
     assert mounts[str(args.data)]["readOnly"] is True
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    # Production-mode services serve only signed bundles: the exporter signs with a key from a Secret.
+    assert args.signing_key is not None, "recsys export needs --signing-key"
+    assert mounted_file(cron, c, args.signing_key)[:2] == ("secret", "recsys-bundle-signing-key")
     # The exporter's recall gate checks the index split the way the retrieval Deployments serve it.
     shards = {cfg.shard for _, _, cfg in serving_containers(docs) if isinstance(cfg, RetrievalConfig)}
     assert {args.index_shards} == {int(shard.split("/")[1]) for shard in shards}
@@ -443,6 +600,9 @@ def test_compose_runs_the_stack_from_one_export() -> None:
         assert spec["depends_on"]["exporter"] == {"condition": "service_completed_successfully"}, name
         assert spec["volumes"] == [f"bundles:{config.bundles_dir}:ro"], name
         assert config.host == "0.0.0.0" and spec["read_only"] is True, name
+        # Dev mode on a laptop: no keys, no TLS, and nothing published beyond this machine.
+        assert config.mode == "dev" and not file_settings(config), name
+        assert all(str(p).startswith("127.0.0.1:") for p in spec.get("ports", [])), f"{name}: {spec.get('ports')}"
         check = spec["healthcheck"]["test"]
         assert check[:3] == ["CMD", "python", "/opt/recsys/healthcheck.py"], name
         port = int(check[4].rsplit(":", 1)[1].split("/")[0])
@@ -593,3 +753,42 @@ def test_healthcheck_reports_http_status() -> None:
         server.shutdown()
         server.server_close()
     assert healthcheck.main(["--timeout-s", "0.5", "http", f"http://127.0.0.1:{port}/healthz"]) == 1
+
+
+def test_healthcheck_speaks_mutual_tls(tmp_path: Path) -> None:
+    """What the exec probes run against a server that requires client certificates, as retrieval and ranking do."""
+    ca = CA(tmp_path, "deploy")
+    server_leaf = ca.issue("retrieval", hosts=("retrieval", "retrieval-0"))
+    client_leaf = ca.issue("retrieval-probe", hosts=("retrieval",))
+    other = CA(tmp_path, "other").issue("stranger")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    credentials = grpc.ssl_server_credentials(
+        [(server_leaf.key_file.read_bytes(), server_leaf.cert_file.read_bytes())],
+        root_certificates=ca.cert_file.read_bytes(),
+        require_client_auth=True,
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    address = f"127.0.0.1:{port}"
+
+    def probe(*extra: str) -> int:
+        return healthcheck.main(["--timeout-s", "2", "grpc", address, "--tls-ca", str(ca.cert_file), *extra])
+
+    client = ("--tls-cert", str(client_leaf.cert_file), "--tls-key", str(client_leaf.key_file))
+    try:
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        assert probe(*client, "--server-name", "retrieval-0") == 0
+        assert probe("--server-name", "retrieval-0") == 1  # no client certificate: the handshake fails
+        assert probe(*client, "--server-name", "ranking") == 1  # not a name in the server's certificate
+        assert probe(*client) == 1  # 127.0.0.1 is not in its SANs either
+        stranger = ("--tls-cert", str(other.cert_file), "--tls-key", str(other.key_file))
+        assert probe(*stranger, "--server-name", "retrieval") == 1  # a certificate from another CA
+        assert healthcheck.main(["--timeout-s", "2", "grpc", address]) == 1  # plaintext
+        servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert probe(*client, "--server-name", "retrieval") == 1
+    finally:
+        server.stop(0).wait()
+    with pytest.raises(SystemExit):  # a certificate without its key is a usage error, not a silent plaintext check
+        healthcheck.main(["grpc", address, "--tls-ca", str(ca.cert_file), *client[:2]])

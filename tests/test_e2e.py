@@ -139,3 +139,5 @@ def test_the_main_job_command_runs_on_a_machine_with_no_data(tmp_path: Path) -> 
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "their next recommendations:" in run.stdout and '"items": [' in run.stdout
     assert "curl -s http://127.0.0.1:" in run.stdout and "/v1/recommendations" in run.stdout
+    page = run.stdout.split("Or open ")[1].split()[0]  # the command's last line: the try-it page
+    assert page.startswith("http://127.0.0.1:") and page.endswith("/")

@@ -18,6 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.core import WARM_UP_ROUNDS
 from protos.recsys.v1 import gateway_pb2, gateway_pb2_grpc
 from recsys_cli.stack import Stack
 
@@ -97,7 +98,8 @@ def test_gateway_metrics_count_requests_stages_store_and_events(traffic: dict[st
     assert value(m, "recsys_http_requests_total", route="/v1/recommendations", method="POST", status="422") == 1
     assert value(m, "recsys_http_latency_seconds_count", route="/v1/recommendations", method="POST") == N_REQUESTS + 3
     assert value(m, "recsys_grpc_requests_total", method="/recsys.v1.Gateway/Recommend", code="OK") == 1
-    answers = N_REQUESTS + 3  # REST and gRPC answers alike pass through the stages
+    # REST and gRPC answers alike pass through the stages, and so do the gateway's warm-up requests.
+    answers = N_REQUESTS + 3 + WARM_UP_ROUNDS
     for stage in ("store", "ann", "covisit", "trending", "sources", "ranking", "total"):
         assert value(m, "recsys_gateway_stage_seconds_count", stage=stage) == answers, stage
     assert value(m, "recsys_gateway_store_seconds_count", op="recent") == answers
@@ -117,7 +119,7 @@ def test_partial_and_degraded_answers_are_counted_by_reason(traffic: dict[str, o
     # Both later answers miss shard 1: one partial-only, one also degraded.
     assert value(m, "recsys_gateway_partial_total", stage="ann", reason="unavailable") == 2
     assert value(m, "recsys_gateway_degraded_total", reason="ranking_failed") == 1
-    assert value(m, "recsys_gateway_answers_total", outcome="complete") == N_REQUESTS + 1
+    assert value(m, "recsys_gateway_answers_total", outcome="complete") == N_REQUESTS + 1 + WARM_UP_ROUNDS
     assert value(m, "recsys_gateway_answers_total", outcome="partial") == 1
     assert value(m, "recsys_gateway_answers_total", outcome="degraded") == 1
 
@@ -125,7 +127,7 @@ def test_partial_and_degraded_answers_are_counted_by_reason(traffic: dict[str, o
 def test_retrieval_and_ranking_export_rpc_metrics_and_their_bundle(traffic: dict[str, object]) -> None:
     services = traffic["services"]
     assert isinstance(services, dict) and set(services) == {"retrieval-0", "retrieval-1", "ranking"}
-    answered = N_REQUESTS + 1
+    answered = N_REQUESTS + 1 + WARM_UP_ROUNDS
     for shard in ("retrieval-0", "retrieval-1"):
         m = services[shard]
         assert value(m, "recsys_grpc_requests_total", method="/recsys.v1.Retrieval/Search", code="OK") >= answered

@@ -1,0 +1,315 @@
+"""`recsys tune`: an Optuna search over the ExportConfig settings that matter, validated inside the training period.
+
+The validation never touches a test event of either protocol. It starts from the rows that are in neither test
+part (each user's last event is `loo`'s, everything after the `replay` quantile is `replay`'s) and carves the same
+two parts out of those rows again; the trial models are fitted once, on what is left::
+
+    rows in neither test part ──► fit rows      = again neither each user's last row nor after the quantile
+                                 loo cases     = each user's last remaining row, history = all its earlier rows
+                                 replay cases  = rows after the quantile of the remaining rows, replayed in time
+                                                 order with the `replay` counting rule (histories grow)
+
+One fit serves both case sets (two fits per trial would not fit the budget of a minute per trial on ML-100K).
+The objective is the mean NDCG@k of two_tower+ranker, the model the stack serves, over the two case sets.
+A trial runs fit_models and evaluate_cases only (no ONNX export, no index build) and, to halve its cost, without
+`retriever_refit` (the refit retrains the retriever on the same settings; its effect is small and uniform).
+The first trial is always the base config, so the best settings are never worse than it on validation.
+
+    result = tune(load_dataset(data_dir), ExportConfig(), TuneSettings(trials=20, seed=0), out_dir)
+    ExportConfig.from_json(out_dir / CONFIG_JSON)  # what `recsys export --config` takes
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import optuna
+
+from exporter.config import ExportConfig
+from exporter.data import Dataset
+from exporter.evaluate import Cases, evaluate_cases
+from exporter.fit import fit_models
+from exporter.protocols import loo_split, replay_events, replay_split, time_order
+from exporter.sequences import Sequences, encode_items, item_vocabulary
+from exporter.tables import genre_multi_hot
+from exporter.tune_report import write_tune_report
+
+I64 = npt.NDArray[np.int64]
+PROJECT = "two_tower+ranker"
+CONFIG_JSON, TRIALS_JSON = "config.json", "trials.json"
+
+# name -> (kind, choices or (low, high)); kind is "cat", "float" or "log". search_space() adds the base config's
+# values, so the base config is always the first trial. FAISS index parameters are not searched: the exporter picks
+# them against a recall floor (exact search below 50 000 items), so what the index adds to quality is how deep it
+# is asked (cand_ann).
+Space = dict[str, tuple[str, tuple[Any, ...]]]
+SPACE: Space = {
+    "tt_dim": ("cat", (32, 64, 96, 128)),  # embedding size
+    "tt_lr": ("log", (1e-3, 2e-2)),
+    "tt_dropout": ("float", (0.1, 0.5)),
+    "history_len": ("cat", (20, 30, 50, 80)),
+    "covisit_recency_decay": ("float", (0.5, 1.0)),  # recency weighting of co-visitation
+    "ranker_random_negatives": ("cat", (0, 8, 16, 32)),
+    "ranker_hidden": ("cat", ("64,32", "128,64", "256,128")),  # ranker width
+    "ranker_dim": ("cat", (16, 32, 64)),
+    "cand_ann": ("cat", (100, 200, 300)),  # ANN retrieval depth
+}
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """The search budget (trials or minutes, whichever ends first) and the cost of one trial."""
+
+    trials: int = 20
+    minutes: float | None = None
+    seed: int = 0  # the sampler's seed and the case sample's; training is seeded by ExportConfig.seed
+    max_cases: int = 2000  # per case set, a seeded sample: evaluation cost stays bounded on large data
+    startup_trials: int = 5  # random trials (after the base config) before TPE models the results
+
+    def __post_init__(self) -> None:
+        if self.trials < 1:
+            raise ValueError(f"trials must be >= 1, got {self.trials!r}")
+        if self.minutes is not None and not self.minutes > 0:
+            raise ValueError(f"minutes must be > 0, got {self.minutes!r}")
+        if self.max_cases < 1:
+            raise ValueError(f"max_cases must be >= 1, got {self.max_cases!r}")
+
+
+@dataclass(frozen=True)
+class ValidationSplit:
+    """The fit part and the two validation case sets, with the dataset rows behind them (for checks and reports).
+
+    fit_rows, case_rows and history rows index the original Dataset; none is in a test part of `loo` or `replay`.
+    """
+
+    fit_rows: I64
+    vocab: tuple[str, ...]
+    seqs: Sequences
+    cut: int  # replay cases are the rows after this timestamp
+    cases: dict[str, Cases]
+    case_rows: dict[str, I64]  # the dataset row of each case's target, aligned with cases[...].targets
+
+
+def _sample(n: int, limit: int, seed: int) -> I64:
+    """Sorted indices of a seeded sample of at most limit of n."""
+    if n <= limit:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False)).astype(np.int64)
+
+
+def validation_split(ds: Dataset, config: ExportConfig, max_cases: int = 2000, seed: int = 0) -> ValidationSplit:
+    """The validation split of the module docstring, from the rows in neither protocol's test part."""
+    loo_train, _ = loo_split(ds.user_ids, ds.timestamps)
+    rows = np.flatnonzero(loo_train & replay_split(ds.timestamps, config.replay_quantile))
+    users, items, times = ds.user_ids[rows], ds.item_ids[rows], ds.timestamps[rows]
+    before_cut = replay_split(times, config.replay_quantile)
+    if not before_cut.any() or before_cut.all():
+        raise ValueError(f"{len(ds)} interactions leave no validation events after the replay quantile")
+    cut = int(times[before_cut].max())
+    keep, loo_rows = loo_split(users, times)
+    fit = keep & before_cut
+    vocab = item_vocabulary(items[fit])
+    idx = encode_items(items, vocab)
+    seqs = Sequences.build(users[fit], idx[fit], times[fit])
+
+    # loo: each user's last row; its history is every earlier row of the user that the model can know.
+    order = time_order(users, times)
+    first = np.r_[True, users[order][1:] != users[order][:-1]]
+    starts = np.flatnonzero(first)
+    pos_in_order = np.empty(len(order), dtype=np.int64)
+    pos_in_order[order] = np.arange(len(order))
+    loo_rows = loo_rows[idx[loo_rows] > 0]  # an item first seen after the fit part cannot be recommended
+    loo_seen = []
+    for r in loo_rows.tolist():
+        p = pos_in_order[r]
+        start = starts[np.searchsorted(starts, p, side="right") - 1]
+        hist = idx[order[start:p]]
+        loo_seen.append(hist[hist > 0])
+    loo = Cases(loo_seen, idx[loo_rows])
+
+    # replay: the `replay` rule over every row outside the fit part, counting only the rows after the cut (the
+    # others are last rows of users with nothing after the cut, so they never enter a counted history).
+    history = {u: seqs.user_seq(k).tolist() for k, u in enumerate(seqs.users.tolist())}
+    seen, replay_rows = [], []
+    for event in replay_events(users, items, times, fit):
+        h = history.setdefault(users[event.row].item(), [])
+        if event.counted and times[event.row] > cut:
+            seen.append(np.asarray(h, dtype=np.int64))
+            replay_rows.append(event.row)
+        if idx[event.row] > 0:
+            h.append(int(idx[event.row]))
+    replay_r = np.asarray(replay_rows, dtype=np.int64)
+    replay = Cases(seen, idx[replay_r])
+
+    cases, case_rows = {}, {}
+    for k, (name, c, r) in enumerate((("loo", loo, loo_rows), ("replay", replay, replay_r))):
+        pick = _sample(len(c.targets), max_cases, seed + k)
+        cases[name] = Cases([c.seen[i] for i in pick.tolist()], c.targets[pick])
+        case_rows[name] = rows[r[pick]]
+    return ValidationSplit(rows[fit], vocab, seqs, cut, cases, case_rows)
+
+
+def _point(config: ExportConfig, name: str) -> Any:
+    value = getattr(config, name)
+    return ",".join(str(x) for x in value) if name == "ranker_hidden" else value
+
+
+def search_space(base: ExportConfig) -> Space:
+    """SPACE widened to hold the base config's values (a choice added, a range stretched), so it can be trial 0."""
+    out: Space = {}
+    for name, (kind, spec) in SPACE.items():
+        value = _point(base, name)
+        if kind == "cat":
+            out[name] = (kind, spec if value in spec else (value, *spec))
+        else:
+            out[name] = (kind, (min(spec[0], value), max(spec[1], value)))
+    return out
+
+
+def base_params(base: ExportConfig, space: Space) -> dict[str, Any]:
+    """The base config as a point of space (enqueued as the first trial)."""
+    return {name: _point(base, name) for name in space}
+
+
+def suggest(trial: optuna.Trial, space: Space) -> dict[str, Any]:
+    """ExportConfig overrides for one trial, drawn from space."""
+    out: dict[str, Any] = {}
+    for name, (kind, spec) in space.items():
+        if kind == "cat":
+            out[name] = trial.suggest_categorical(name, list(spec))
+        else:
+            out[name] = trial.suggest_float(name, spec[0], spec[1], log=kind == "log")
+    return out
+
+
+def apply(config: ExportConfig, params: dict[str, Any]) -> ExportConfig:
+    """config with trial params (ranker_hidden arrives as "128,64"); tt_heads follows tt_dim when it must."""
+    values = dict(params)
+    if isinstance(values.get("ranker_hidden"), str):
+        values["ranker_hidden"] = tuple(int(x) for x in values["ranker_hidden"].split(","))
+    dim = values.get("tt_dim", config.tt_dim)
+    if dim % config.tt_heads:
+        values["tt_heads"] = 1
+    return dataclasses.replace(config, **values)
+
+
+def evaluate_trial(split: ValidationSplit, genres: npt.NDArray[np.float32], config: ExportConfig) -> dict[str, Any]:
+    """Fit on the split (no refit) and score both case sets: NDCG@k per set, their mean ("value") and timings."""
+    t = time.perf_counter()
+    trial_config = dataclasses.replace(config, retriever_refit=False)
+    fitted = fit_models(split.seqs, len(split.vocab), genres, trial_config, progress=False)
+    t_eval = time.perf_counter()
+    scores = {name: evaluate_cases(fitted, cases, trial_config)[PROJECT]["ndcg"] for name, cases in split.cases.items()}
+    return {
+        **{name: round(v, 5) for name, v in scores.items()},
+        "value": float(np.mean(list(scores.values()))),
+        "seconds": round(time.perf_counter() - t, 1),
+        "step_seconds": {**fitted.report["seconds"], "evaluate": round(time.perf_counter() - t_eval, 2)},
+    }
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """The best trial's settings and value, and the files written."""
+
+    best_params: dict[str, Any]
+    best_value: float
+    base_value: float | None  # None when the base trial did not complete
+    summary: dict[str, Any]  # what trials.json holds
+    files: list[Path]
+
+
+def tune(
+    ds: Dataset,
+    base: ExportConfig,
+    settings: TuneSettings,
+    out_dir: Path,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> TuneResult:
+    """Search SPACE around base; write the best config (base with the best params), the report and the plot."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    split = validation_split(ds, base, settings.max_cases, settings.seed)
+    genres = genre_multi_hot(split.vocab, ds.genres, ds.genre_names)
+    log(
+        f"validation: fit on {len(split.fit_rows)} interactions; "
+        + ", ".join(f"{n} {len(c.targets)} cases" for n, c in split.cases.items())
+    )
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=settings.startup_trials)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    space = search_space(base)
+    study.enqueue_trial(base_params(base, space))
+
+    def objective(trial: optuna.Trial) -> float:
+        result = evaluate_trial(split, genres, apply(base, suggest(trial, space)))
+        for key, value in result.items():
+            trial.set_user_attr(key, value)
+        return float(result["value"])
+
+    def report_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state != optuna.trial.TrialState.COMPLETE:
+            log(f"trial {trial.number}: {trial.state.name}")
+            return
+        a = trial.user_attrs
+        log(
+            f"trial {trial.number}: NDCG@{base.eval_k} {trial.value:.4f} (loo {a['loo']:.4f}, replay {a['replay']:.4f})"
+            f"  best {study.best_value:.4f} (trial {study.best_trial.number})  {a['seconds']:.0f} s"
+        )
+
+    timeout = settings.minutes * 60 if settings.minutes is not None else None
+    study.optimize(
+        objective,
+        n_trials=settings.trials,
+        timeout=timeout,
+        show_progress_bar=progress,
+        callbacks=[report_trial],
+        catch=(RuntimeError,),  # e.g. a plan that retrieves none of the ranker's held-out items: that trial fails
+    )
+    rows = trial_rows(study)
+    best = study.best_trial
+    best_config = apply(base, best.params)
+    (out_dir / CONFIG_JSON).write_text(json.dumps(best_config.to_dict(), indent=2) + "\n")
+    summary = {
+        "settings": dataclasses.asdict(settings),
+        "space": {k: [kind, list(spec)] for k, (kind, spec) in space.items()},
+        "validation": {
+            "fit_interactions": len(split.fit_rows),
+            "cut": split.cut,
+            "cases": {n: len(c.targets) for n, c in split.cases.items()},
+        },
+        "best": {"trial": best.number, "value": best.value, "params": best.params},
+        "trials": rows,
+    }
+    (out_dir / TRIALS_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+    files = [out_dir / CONFIG_JSON, out_dir / TRIALS_JSON, *write_tune_report(summary, base.eval_k, out_dir)]
+    return TuneResult(best.params, float(best.value), rows[0]["value"], summary, files)
+
+
+def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    """One plain dict per trial: number, state, value, per-case-set NDCG, seconds, params."""
+    rows = []
+    for t in study.trials:
+        a = t.user_attrs
+        rows.append(
+            {
+                "trial": t.number,
+                "state": t.state.name,
+                "value": t.value,
+                "loo": a.get("loo"),
+                "replay": a.get("replay"),
+                "seconds": a.get("seconds"),
+                "step_seconds": a.get("step_seconds"),
+                "params": t.params,
+            }
+        )
+    return rows
