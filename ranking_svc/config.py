@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recsys_common.config import check_positive, from_env
+from recsys_common.service_config import ServiceSettings
 from recsys_common.tls import check_service_security
 
 
 @dataclass(frozen=True)
-class RankingConfig:
+class RankingConfig(ServiceSettings):
     bundles_dir: Path = Path("var/bundles")
     host: str = "127.0.0.1"
     port: int = 50052
@@ -25,19 +26,6 @@ class RankingConfig:
     # Fault drills: added latency on every Rank call (0 = off). Lets a test or a game day show how
     # the gateway answers when ranking is late, against the real process.
     fault_delay_ms: int = 0
-    # Prometheus /metrics on this HTTP port (0 = off).
-    metrics_port: int = 0
-    # SIGTERM: report NOT_SERVING at once, then let in-flight requests finish for up to this long.
-    grace_s: float = 5.0
-    # "dev" (default): TLS and bundle signatures only when configured. "production": refuses to start
-    # without the TLS files and the bundle public key, and serves only signed bundles (SECURITY.md).
-    mode: str = "dev"
-    # Mutual TLS (recsys_common/tls.py): this server's certificate and key, and the CA that signs clients.
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    tls_ca_file: Path | None = None
-    # Ed25519 public key(s), PEM, that bundles must be signed with (recsys_common/signing.py).
-    bundle_public_key_file: Path | None = None
 
     def __post_init__(self) -> None:
         check_service_security("RECSYS_RANKING_", self)

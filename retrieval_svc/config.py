@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recsys_common.config import ConfigError, check_positive, from_env
+from recsys_common.service_config import ServiceSettings
 from recsys_common.tls import check_service_security
 
 
 @dataclass(frozen=True)
-class RetrievalConfig:
+class RetrievalConfig(ServiceSettings):
     bundles_dir: Path = Path("var/bundles")
     host: str = "127.0.0.1"
     port: int = 50051
@@ -45,19 +46,6 @@ class RetrievalConfig:
     # gRPC message limits: requests are small (ids, one vector); answers hold up to max_batch_items items.
     max_receive_bytes: int = 4 << 20
     max_send_bytes: int = 16 << 20
-    # Prometheus /metrics on this HTTP port (0 = off).
-    metrics_port: int = 0
-    # SIGTERM: report NOT_SERVING at once, then let in-flight requests finish for up to this long.
-    grace_s: float = 5.0
-    # "dev" (default): TLS and bundle signatures only when configured. "production": refuses to start
-    # without the TLS files and the bundle public key, and serves only signed bundles (SECURITY.md).
-    mode: str = "dev"
-    # Mutual TLS (recsys_common/tls.py): this server's certificate and key, and the CA that signs clients.
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    tls_ca_file: Path | None = None
-    # Ed25519 public key(s), PEM, that bundles must be signed with (recsys_common/signing.py).
-    bundle_public_key_file: Path | None = None
 
     def __post_init__(self) -> None:
         check_service_security("RECSYS_RETRIEVAL_", self)
