@@ -1,14 +1,17 @@
 """Thin clients for the retrieval and ranking services: plain values in, plain values out, a timeout on every call.
 
+The clients are asyncio (grpc.aio): the gateway's core runs every request on one event loop, so a fan-out
+costs no thread hand-offs. A channel belongs to the loop it was made on; each client makes its channel on
+first use, so build clients anywhere and use them from one loop.
+
 With credentials (recsys_common.tls.TLSFiles.channel_credentials) the channels speak mutual TLS: the gateway
 presents its certificate and trusts only the configured CA for the services' certificates.
 """
 
 from __future__ import annotations
 
-import contextvars
+import asyncio
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -28,20 +31,42 @@ class Scored:
     missing: tuple[tuple[str, str], ...] = ()
 
 
-def _channel(
-    address: str, credentials: grpc.ChannelCredentials | None, options: Sequence[tuple[str, int]] = ()
-) -> grpc.Channel:
-    if credentials is None:
-        return grpc.insecure_channel(address, options=list(options))
-    return grpc.secure_channel(address, credentials, options=list(options))
+class _Endpoint:
+    """One service address; its grpc.aio channel is made on first use, on the loop that uses it."""
 
+    def __init__(
+        self,
+        address: str,
+        credentials: grpc.ChannelCredentials | None,
+        options: Sequence[tuple[str, int]] = (),
+    ) -> None:
+        self.address = address
+        self._credentials = credentials
+        self._options = list(options)
+        self._channel: grpc.aio.Channel | None = None
 
-def _healthy(channel: grpc.Channel, timeout_s: float) -> bool:
-    try:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
-    except grpc.RpcError:
-        return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            if self._credentials is None:
+                self._channel = grpc.aio.insecure_channel(self.address, options=self._options)
+            else:
+                self._channel = grpc.aio.secure_channel(self.address, self._credentials, options=self._options)
+        return self._channel
+
+    async def healthy(self, timeout_s: float) -> bool:
+        try:
+            reply = await health_pb2_grpc.HealthStub(self.channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
+            )
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
 
 
 # Message limits on the client side too: requests are small, answers at most max_k items (retrieval_svc.config).
@@ -55,11 +80,10 @@ class RetrievalClient:
         self, address: str, hedger: Hedger | None = None, credentials: grpc.ChannelCredentials | None = None
     ) -> None:
         self.address = address
-        self.channel = _channel(address, credentials, RETRIEVAL_CHANNEL_OPTIONS)
-        self.stub = retrieval_pb2_grpc.RetrievalStub(self.channel)
+        self.endpoint = _Endpoint(address, credentials, RETRIEVAL_CHANNEL_OPTIONS)
         self.hedger = hedger or Hedger()
 
-    def search(
+    async def search(
         self, recent_item_ids: Sequence[str], k: int, exclude: Sequence[str], bundle_version: str, timeout_s: float
     ) -> Scored:
         request = retrieval_pb2.SearchRequest(
@@ -70,15 +94,16 @@ class RetrievalClient:
             bundle_version=bundle_version,
         )
         metadata = outgoing_metadata()
-        reply = self.hedger.call(lambda t: self.stub.Search.future(request, timeout=t, metadata=metadata), timeout_s)
-        assert isinstance(reply, retrieval_pb2.SearchResponse)
-        return Scored([i.item_id for i in reply.items], [i.score for i in reply.items], reply.bundle_version)
+        stub = retrieval_pb2_grpc.RetrievalStub(self.endpoint.channel)
+        reply = await self.hedger.call(lambda t: stub.Search(request, timeout=t, metadata=metadata), timeout_s)
+        items = reply.items
+        return Scored([i.item_id for i in items], [i.score for i in items], reply.bundle_version)
 
-    def healthy(self, timeout_s: float) -> bool:
-        return _healthy(self.channel, timeout_s)
+    async def healthy(self, timeout_s: float) -> bool:
+        return await self.endpoint.healthy(timeout_s)
 
-    def close(self) -> None:
-        self.channel.close()
+    async def close(self) -> None:
+        await self.endpoint.close()
 
 
 class ShardMismatch(RuntimeError):
@@ -99,27 +124,30 @@ class ShardedRetrievalClient:
             raise ValueError("ShardedRetrievalClient needs at least one address")
         self.shards = [RetrievalClient(a, credentials=credentials) for a in addresses]
         self.address = ",".join(addresses)
-        self._pool = ThreadPoolExecutor(max_workers=4 * len(self.shards), thread_name_prefix="shards")
 
-    def search(
+    async def search(
         self, recent_item_ids: Sequence[str], k: int, exclude: Sequence[str], bundle_version: str, timeout_s: float
     ) -> Scored:
         calls = [
-            self._pool.submit(
-                contextvars.copy_context().run, s.search, recent_item_ids, k, exclude, bundle_version, timeout_s
-            )
+            asyncio.wait_for(s.search(recent_item_ids, k, exclude, bundle_version, timeout_s), timeout_s + 0.05)
             for s in self.shards
         ]
+        answers = await asyncio.gather(*calls, return_exceptions=True)
         parts: list[Scored] = []
         missing: list[tuple[str, str]] = []
         errors: list[BaseException] = []
-        for n, call in enumerate(calls):
-            try:
-                parts.append(call.result(timeout=timeout_s + 0.05))
-            except Exception as exc:  # a shard down or late: the others still answer
-                errors.append(exc)
-                reason = f"{exc.code().name.lower()}: {exc.details()}" if isinstance(exc, grpc.Call) else repr(exc)
-                missing.append((f"shard {n}/{len(self.shards)}", reason))
+        for n, answer in enumerate(answers):
+            if isinstance(answer, Scored):
+                parts.append(answer)
+                continue
+            if not isinstance(answer, Exception):  # cancellation of this request: not a shard's fault
+                raise answer
+            errors.append(answer)  # a shard down or late: the others still answer
+            if isinstance(answer, grpc.aio.AioRpcError):
+                reason = f"{answer.code().name.lower()}: {answer.details()}"
+            else:
+                reason = repr(answer)
+            missing.append((f"shard {n}/{len(self.shards)}", reason))
         if not parts:
             raise errors[0]
         versions = {p.bundle_version for p in parts}
@@ -132,13 +160,12 @@ class ShardedRetrievalClient:
         )[:k]
         return Scored([i for _, i in merged], [s for s, _ in merged], parts[0].bundle_version, tuple(missing))
 
-    def healthy(self, timeout_s: float) -> bool:
-        return all(s.healthy(timeout_s) for s in self.shards)
+    async def healthy(self, timeout_s: float) -> bool:
+        return all(await asyncio.gather(*(s.healthy(timeout_s) for s in self.shards)))
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    async def close(self) -> None:
         for s in self.shards:
-            s.close()
+            await s.close()
 
 
 def retrieval_client(
@@ -155,10 +182,9 @@ def retrieval_client(
 class RankingClient:
     def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
         self.address = address
-        self.channel = _channel(address, credentials)
-        self.stub = ranking_pb2_grpc.RankingStub(self.channel)
+        self.endpoint = _Endpoint(address, credentials)
 
-    def rank(
+    async def rank(
         self,
         recent_item_ids: Sequence[str],
         item_ids: Sequence[str],
@@ -175,11 +201,12 @@ class RankingClient:
             source_names=source_names,
             bundle_version=bundle_version,
         )
-        reply: ranking_pb2.RankResponse = self.stub.Rank(request, timeout=timeout_s, metadata=outgoing_metadata())
+        stub = ranking_pb2_grpc.RankingStub(self.endpoint.channel)
+        reply: ranking_pb2.RankResponse = await stub.Rank(request, timeout=timeout_s, metadata=outgoing_metadata())
         return list(reply.scores)
 
-    def healthy(self, timeout_s: float) -> bool:
-        return _healthy(self.channel, timeout_s)
+    async def healthy(self, timeout_s: float) -> bool:
+        return await self.endpoint.healthy(timeout_s)
 
-    def close(self) -> None:
-        self.channel.close()
+    async def close(self) -> None:
+        await self.endpoint.close()

@@ -42,6 +42,8 @@ class GatewayConfig:
     ann_candidates: int = 200
     covisit_candidates: int = 100
     trending_candidates: int = 50
+    # The trending list (the same for every user) is re-read from the store at most this often.
+    trending_max_age_ms: int = 1000
     coldstart_candidates: int = 50
     popular_candidates: int = 50
     usercf_candidates: int = 50
@@ -60,6 +62,7 @@ class GatewayConfig:
     answer_cache_ttl_s: float = 30.0
     # Requests in flight beyond this are refused at once (503 / RESOURCE_EXHAUSTED), not queued.
     max_inflight: int = 32
+    # Worker threads for blocking store calls (the fan-out itself runs on the core's event loop).
     fanout_threads: int = 64
     # Events read per request: all of them are excluded as seen; the newest history_len feed the models.
     max_history: int = 1000
@@ -116,7 +119,14 @@ class GatewayConfig:
             check_positive(f"RECSYS_GATEWAY_{name.upper()}", getattr(self, name))
         if self.mode not in ("dev", "production"):
             raise ConfigError(f"Config 'RECSYS_GATEWAY_MODE' has value {self.mode!r}. Must be one of dev, production.")
-        for name in ("jwt_leeway_s", "rate_limit_per_s", "rate_limit_burst", "usercf_users", "answer_cache_size"):
+        for name in (
+            "jwt_leeway_s",
+            "rate_limit_per_s",
+            "rate_limit_burst",
+            "usercf_users",
+            "answer_cache_size",
+            "trending_max_age_ms",
+        ):
             value = getattr(self, name)
             if value < 0:
                 raise ConfigError(f"Config 'RECSYS_GATEWAY_{name.upper()}' has value {value!r}. Must be >= 0.")

@@ -7,20 +7,29 @@ gets the rest minus `reserve_ms` for assembling the answer. A late or failed sta
 named (`missing` for sources and the store, `degraded` for ranking); the popular source is local
 and cannot be late, so an answer always comes.
 
+Concurrency: the core runs every request on one asyncio event loop in its own thread ("gateway-core").
+The remote sources and ranking are grpc.aio calls on that loop and the local numpy sources run inline
+between them, so a request's fan-out costs no thread hand-offs (on a GIL-bound process each hand-off
+is a wake-up and a wait for the lock). Only blocking store calls leave the loop, for a worker thread,
+so that a frozen store costs its budget and nothing more. REST (uvicorn) runs on the same loop; the
+gRPC front door's worker threads submit to it.
+
 The transports (rest.py, servicer.py) only convert and admit; every rule about requests is here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -56,6 +65,7 @@ from recsys_common.features import ItemTables
 from recsys_common.snapshot import SnapshotHolder
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_ID_LEN = 256
 MAX_EVENTS = 1000
@@ -64,6 +74,8 @@ MAX_TIMESTAMP = 2**53  # beyond this a JSON client loses precision
 MAX_TIMEOUT_MS = 60_000
 # Requests the gateway makes to itself before serving (they show in its metrics like any other).
 WARM_UP_ROUNDS = 2
+# Event-loop turns a request yields so its remote calls are sent before the local sources run.
+SEND_TURNS = 4
 
 
 @dataclass(frozen=True)
@@ -141,11 +153,75 @@ def validate_request(req: RecommendRequest, max_timeout_ms: int = MAX_TIMEOUT_MS
 
 
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, futures.TimeoutError):
+    if isinstance(exc, TimeoutError):
         return "deadline exceeded"
-    if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
+    if isinstance(exc, grpc.aio.AioRpcError) or (isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call)):
         return f"{exc.code().name.lower()}: {exc.details()}"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop  # uvicorn[standard] brings it: a faster loop for the same asyncio code
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+class CoreLoop:
+    """The event loop the core runs on, in its own thread; other threads and loops submit coroutines to it.
+
+    A submitted coroutine runs in a copy of the submitter's context, so the request id (recsys_common.logs)
+    follows a request from the transport to the calls it makes.
+    """
+
+    def __init__(self, blocking_threads: int) -> None:
+        self.loop = _new_loop()
+        # Blocking store calls (asyncio.to_thread) run here; sized so a frozen store cannot starve the rest.
+        self.executor = futures.ThreadPoolExecutor(max_workers=blocking_threads, thread_name_prefix="blocking")
+        self.loop.set_default_executor(self.executor)
+        self.thread = threading.Thread(target=self.loop.run_forever, name="gateway-core", daemon=True)
+        self.thread.start()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> futures.Future[T]:
+        """Run coro on the loop; a concurrent Future of its result (thread-safe, from anywhere)."""
+        context = contextvars.copy_context()
+        result: futures.Future[T] = futures.Future()
+
+        def start() -> None:
+            task = self.loop.create_task(coro, context=context)
+
+            def done(t: asyncio.Task[T]) -> None:
+                if t.cancelled():
+                    result.cancel()
+                elif (exc := t.exception()) is not None:
+                    result.set_exception(exc)
+                else:
+                    result.set_result(t.result())
+
+            task.add_done_callback(done)
+
+        self.loop.call_soon_threadsafe(start, context=context)
+        return result
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """From a thread other than the loop's: block until coro, run on the loop, is done."""
+        if threading.current_thread() is self.thread:
+            coro.close()
+            raise RuntimeError("CoreLoop.run called on the loop's own thread; await the coroutine instead")
+        return self.submit(coro).result()
+
+    async def run_async(self, coro: Coroutine[Any, Any, T]) -> T:
+        """From any coroutine: await coro on the core loop (directly when already on it)."""
+        if asyncio.get_running_loop() is self.loop:
+            return await coro
+        return await asyncio.wrap_future(self.submit(coro))
+
+    def close(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=5)
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 class Admission:
@@ -218,14 +294,14 @@ class Recommender:
         self.admission = Admission(config.max_inflight)
         # Set on SIGTERM: health turns NOT_SERVING while in-flight requests finish.
         self.draining = threading.Event()
-        self._pool = futures.ThreadPoolExecutor(max_workers=config.fanout_threads, thread_name_prefix="fanout")
-        # Remote sources run in the pool; local (numpy) ones run inline while the remote calls fly.
+        self.core = CoreLoop(config.fanout_threads)
+        # Remote sources are tasks on the core loop; local (numpy) ones run inline while the remote calls fly.
         self.remote_sources: list[CandidateSource] = [
             AnnSource(retrieval, config.ann_candidates),
-            TrendingSource(store, config.trending_candidates),
+            TrendingSource(store, config.trending_candidates, config.trending_max_age_ms / 1000),
         ]
         # User-based CF holds state across bundle versions (the recently active users), so it lives here,
-        # and runs in the pool under the sources' budget like the remote ones (a search over many users).
+        # and runs as a task under the sources' budget like the remote ones (a search over many users).
         self.active_users: ActiveUsers | None = None
         if config.usercf_users > 0:
             self.active_users = ActiveUsers(config.usercf_users, config.usercf_items_per_user, config.usercf_max_idle_s)
@@ -275,7 +351,7 @@ class Recommender:
         budget = (req.timeout_ms or self.config.default_timeout_ms) / 1000
         return min(budget, grpc_remaining_s) if grpc_remaining_s is not None else budget
 
-    def _read_history(
+    async def _read_history(
         self,
         user_id: str,
         deadline: float,
@@ -283,9 +359,8 @@ class Recommender:
         lookup: Callable[[str], Recommendation | None] | None = None,
     ) -> _UserState:
         budget = (deadline - time.perf_counter()) * self.config.store_budget_share
-        future = self._pool.submit(self._load_user, user_id, lookup)
         try:
-            return future.result(timeout=max(budget, 0.0))
+            return await asyncio.wait_for(asyncio.to_thread(self._load_user, user_id, lookup), max(budget, 0.0))
         except Exception as exc:  # a slow or failing store: answer as for a new user, and say so
             missing.append(("store", _reason(exc)))
             return _UserState([])
@@ -306,7 +381,7 @@ class Recommender:
         with timed_store("recent"):
             return self.store.recent(user_id, self.config.max_history)
 
-    def _run_sources(
+    async def _run_sources(
         self,
         view: BundleView,
         query: SourceQuery,
@@ -317,32 +392,37 @@ class Recommender:
         started = time.perf_counter()
         budget = max(0.0, (deadline - started) * self.config.sources_budget_share)
 
-        def timed(source: CandidateSource) -> SourceResult:
+        async def timed(source: CandidateSource) -> SourceResult:
             t = time.perf_counter()
             try:
-                return source.fetch(query, budget)
+                return await source.fetch(query, budget)
             finally:
                 timings[source.name] = (time.perf_counter() - t) * 1000
 
-        # Each remote call runs in a copy of this request's context, so it carries the request id downstream.
-        pending = {self._pool.submit(contextvars.copy_context().run, timed, s): s.name for s in self.remote_sources}
+        pending = {asyncio.ensure_future(timed(s)): s.name for s in self.remote_sources}
+        # Let the remote calls reach the wire (a few loop turns: task, hedger, shard fan-out, grpc's own
+        # task) before the local sources hold the loop for their share of a millisecond.
+        for _ in range(SEND_TURNS):
+            await asyncio.sleep(0)
         results: list[SourceResult] = []
         for source in view.local_sources:
             try:
-                results.append(timed(source))
+                results.append(await timed(source))
             except Exception as exc:
                 log.exception("candidate source %s failed", source.name)
                 missing.append((source.name, _reason(exc)))
-        done, late = futures.wait(pending, timeout=max(0.0, budget - (time.perf_counter() - started)))
-        for future in late:
-            future.cancel()
-            missing.append((pending[future], f"deadline exceeded after {budget * 1000:.1f} ms"))
-            timings[pending[future]] = budget * 1000
-        for future in done:
-            try:
-                results.append(future.result())
-            except Exception as exc:
-                missing.append((pending[future], _reason(exc)))
+        left = max(0.0, budget - (time.perf_counter() - started))
+        done, late = await asyncio.wait(pending, timeout=left) if pending else (set(), set())
+        for task in late:
+            task.cancel()
+            missing.append((pending[task], f"deadline exceeded after {budget * 1000:.1f} ms"))
+            timings[pending[task]] = budget * 1000
+        for task in done:
+            exc = task.exception()
+            if exc is None:
+                results.append(task.result())
+            else:
+                missing.append((pending[task], _reason(exc)))
         for result in results:
             missing.extend(result.missing)
         order = {name: n for n, name in enumerate(self.config.source_priority)}
@@ -376,6 +456,14 @@ class Recommender:
         return chosen
 
     def recommend(self, req: RecommendRequest, grpc_remaining_s: float | None = None) -> Recommendation:
+        """From a thread (the gRPC front door, tests, benchmarks): the answer, computed on the core loop."""
+        return self.core.run(self._recommend(req, grpc_remaining_s))
+
+    async def recommend_async(self, req: RecommendRequest, grpc_remaining_s: float | None = None) -> Recommendation:
+        """From a coroutine on any loop (REST runs on the core loop itself: no hand-off at all)."""
+        return await self.core.run_async(self._recommend(req, grpc_remaining_s))
+
+    async def _recommend(self, req: RecommendRequest, grpc_remaining_s: float | None) -> Recommendation:
         started = time.perf_counter()
         validate_request(req, MAX_TIMEOUT_MS)
         deadline = started + self._budget_s(req, grpc_remaining_s)
@@ -389,7 +477,7 @@ class Recommender:
         def lookup(version: str) -> Recommendation | None:
             return None if cache is None else cache.get(AnswerKey.of(req, user_key, version, view.version), view)
 
-        state = self._read_history(user_key, deadline, missing, lookup if cache is not None else None)
+        state = await self._read_history(user_key, deadline, missing, lookup if cache is not None else None)
         timings["store"] = (time.perf_counter() - started) * 1000
         if state.cached is not None:
             return self._cached_answer(state.cached, req, started, timings)
@@ -411,7 +499,7 @@ class Recommender:
             user_key=user_key,
         )
         t = time.perf_counter()
-        merged = self._merge(self._run_sources(view, query, deadline, missing, timings))
+        merged = self._merge(await self._run_sources(view, query, deadline, missing, timings))
         timings["sources"] = (time.perf_counter() - t) * 1000
 
         t = time.perf_counter()
@@ -428,7 +516,7 @@ class Recommender:
                 names = self.config.source_priority
                 bit = {name: 1 << j for j, name in enumerate(names)}
                 bits = [sum(bit.get(s, 0) for s in merged[item_id]) for item_id in candidates]
-                scores = self.ranking.rank(recent_ids, candidates, bits, names, view.version, remaining)
+                scores = await self.ranking.rank(recent_ids, candidates, bits, names, view.version, remaining)
                 ranker_scores = np.asarray(scores)
             except grpc.RpcError as exc:
                 degraded = f"ranking failed: {_reason(exc)}"
@@ -495,13 +583,22 @@ class Recommender:
 
     def ready(self) -> dict[str, bool]:
         timeout_s = self.config.health_timeout_ms / 1000
-        return {
-            "gateway": not self.draining.is_set(),
-            "retrieval": self.retrieval.healthy(timeout_s),
-            "ranking": self.ranking.healthy(timeout_s),
-        }
+
+        async def check() -> tuple[bool, bool]:
+            return await asyncio.gather(self.retrieval.healthy(timeout_s), self.ranking.healthy(timeout_s))
+
+        retrieval, ranking = self.core.run(check())
+        return {"gateway": not self.draining.is_set(), "retrieval": retrieval, "ranking": ranking}
 
     def close(self) -> None:
         self.bundles.stop()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        try:
+            self.core.run(self._close_clients())
+        except Exception as exc:  # closing anyway
+            log.info("closing the service channels failed: %s", _reason(exc))
+        self.core.close()
         self.store.close()
+
+    async def _close_clients(self) -> None:
+        await self.retrieval.close()
+        await self.ranking.close()

@@ -7,13 +7,13 @@ so a slow backend is never hit with a storm of duplicates. The loser is cancelle
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-import grpc
 import numpy as np
 
 T = TypeVar("T")
@@ -54,39 +54,38 @@ class Hedger:
                 return True
             return False
 
-    def call(self, start: Callable[[float], grpc.Future], timeout_s: float) -> object:
-        """Run start(timeout_s) -> grpc future; hedge once after the learned delay; return the first good result."""
+    async def call(self, start: Callable[[float], Awaitable[T]], timeout_s: float) -> T:
+        """Await start(timeout_s) (one call); hedge once after the learned delay; return the first good result.
+
+        Runs on the event loop that owns the channel: no thread is involved, and the loser is cancelled.
+        """
         t0 = time.perf_counter()
-        first = start(timeout_s)
-        delay = self._delay_s
-        if delay is None or delay >= timeout_s:
-            result = first.result()
-            self.record(time.perf_counter() - t0)
-            return result
+        first = asyncio.ensure_future(start(timeout_s))
         try:
-            result = first.result(timeout=delay)
+            delay = self._delay_s
+            if delay is not None and delay < timeout_s:
+                done, _ = await asyncio.wait({first}, timeout=delay)
+                if not done and self.take_token():
+                    return await self._race(first, start, timeout_s, t0)
+            result = await first
             self.record(time.perf_counter() - t0)
             return result
-        except grpc.FutureTimeoutError:
-            pass
-        if not self.take_token():
-            result = first.result()
-            self.record(time.perf_counter() - t0)
-            return result
-        second = start(max(0.0, timeout_s - (time.perf_counter() - t0)))
-        finished = threading.Event()
-        first.add_done_callback(lambda _: finished.set())
-        second.add_done_callback(lambda _: finished.set())
-        calls = [first, second]
-        while True:
-            finished.wait(0.005)
-            finished.clear()
-            for f in calls:
-                if f.done() and not f.cancelled() and f.exception() is None:
-                    for other in calls:
-                        if other is not f:
-                            other.cancel()
-                    self.record(time.perf_counter() - t0)
-                    return f.result()
-            if all(f.done() for f in calls):
-                return first.result()  # both failed: raise the first call's error
+        finally:
+            first.cancel()  # only if we were cancelled (the caller's budget ran out): the call must not outlive it
+
+    async def _race(
+        self, first: asyncio.Future[T], start: Callable[[float], Awaitable[T]], timeout_s: float, t0: float
+    ) -> T:
+        second = asyncio.ensure_future(start(max(0.0, timeout_s - (time.perf_counter() - t0))))
+        pending = {first, second}
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for call in done:
+                    if call.exception() is None:
+                        self.record(time.perf_counter() - t0)
+                        return call.result()
+            return first.result()  # both failed: raise the first call's error
+        finally:
+            for call in (first, second):
+                call.cancel()  # the loser (a no-op on the winner)

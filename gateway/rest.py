@@ -16,7 +16,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
@@ -296,9 +295,9 @@ def create_app(
             debug=body.debug,
             max_per_genre=body.max_per_genre,
         )
-        # Admission happens here, on the event loop, so a refused request never waits for a thread.
+        # Admission happens here, on the event loop, so a refused request never waits at all.
         with recommender.admission.slot():
-            rec = await run_in_threadpool(recommender.recommend, request)
+            rec = await recommender.recommend_async(request)
         return RecommendOut(
             items=[
                 ItemOut(

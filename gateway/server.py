@@ -15,6 +15,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from concurrent import futures
 from pathlib import Path
 from types import FrameType
 
@@ -178,12 +179,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         **(tls.uvicorn_kwargs() if tls is not None else {}),
     )
     server = DrainingServer(uv_config, drain)
-    # uvicorn restores these handlers after its shutdown and re-raises the signal it caught: it then lands
-    # here (a no-op once drained), so the process goes on to finish gRPC and exits 0 instead of dying by it.
+    # uvicorn serves on the core's event loop, so a REST request reaches the core without a thread hand-off.
+    # Off the main thread uvicorn installs no signal handlers of its own: these drain both transports, then
+    # stop uvicorn, which finishes the REST requests in flight.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: drain())
+        signal.signal(sig, server.handle_exit)
+    serving = recommender.core.submit(server.serve(sockets=[sock]))
     try:
-        server.run(sockets=[sock])  # returns once in-flight REST requests are done (or the grace period ended)
+        while not serving.done():
+            futures.wait([serving], timeout=0.5)  # a timed wait: the main thread stays free to run the handlers
+        serving.result()  # returns once in-flight REST requests are done (or the grace period ended)
     finally:
         drain()
         grpc_stopped[0].wait()

@@ -1,12 +1,16 @@
 """Candidate sources: small pluggable parts the gateway runs concurrently for each request.
 
 Each source answers one question ("which items, and how strongly?") for a SourceQuery and returns
-a SourceResult; it may block (a remote call, a store read) but must respect the timeout it is
-given. Failures are exceptions; the fan-out in core.py turns them into a `missing` entry.
+a SourceResult. fetch is a coroutine on the gateway's event loop: a remote call awaits its answer, a
+blocking store read runs in a worker thread, and a local numpy source just computes (it is short);
+each respects the timeout it is given. Failures are exceptions; the fan-out in core.py turns them
+into a `missing` entry.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -46,7 +50,7 @@ class SourceResult:
 class CandidateSource(Protocol):
     name: str
 
-    def fetch(self, query: SourceQuery, timeout_s: float) -> SourceResult: ...
+    async def fetch(self, query: SourceQuery, timeout_s: float) -> SourceResult: ...
 
 
 def _from_indices(
@@ -64,8 +68,8 @@ class AnnSource:
         self.client = client
         self.n = n
 
-    def fetch(self, query: SourceQuery, timeout_s: float) -> SourceResult:
-        scored = self.client.search(
+    async def fetch(self, query: SourceQuery, timeout_s: float) -> SourceResult:
+        scored = await self.client.search(
             query.recent_ids, max(self.n, query.k), query.excluded_ids, query.bundle_version, timeout_s
         )
         missing = tuple((f"{self.name} {part}", reason) for part, reason in scored.missing)
@@ -80,7 +84,7 @@ class CovisitSource:
     def __init__(self, catalog: Catalog, tables: ItemTables, n: int) -> None:
         self.catalog, self.tables, self.n = catalog, tables, n
 
-    def fetch(self, query: SourceQuery, timeout_s: float) -> SourceResult:
+    async def fetch(self, query: SourceQuery, timeout_s: float) -> SourceResult:
         idx, scores = covisit_candidates(self.tables, query.history_idx, self.n, query.excluded_idx)
         return _from_indices(self.name, self.catalog, idx, scores)
 
@@ -93,7 +97,7 @@ class PopularSource:
     def __init__(self, catalog: Catalog, tables: ItemTables, n: int) -> None:
         self.catalog, self.tables, self.n = catalog, tables, n
 
-    def fetch(self, query: SourceQuery, timeout_s: float) -> SourceResult:
+    async def fetch(self, query: SourceQuery, timeout_s: float) -> SourceResult:
         idx, scores = popular_candidates(self.tables, max(self.n, query.k), query.excluded_idx)
         return _from_indices(self.name, self.catalog, idx, scores)
 
@@ -116,7 +120,7 @@ class ColdStartSource:
             for g, items in by_genre.items()
         }
 
-    def fetch(self, query: SourceQuery, timeout_s: float) -> SourceResult:
+    async def fetch(self, query: SourceQuery, timeout_s: float) -> SourceResult:
         recent = query.history_idx[-10:]
         genres = {g for i in recent.tolist() for g in self.catalog.genres[i - 1]}
         if not genres:
@@ -128,16 +132,32 @@ class ColdStartSource:
 
 
 class TrendingSource:
-    """Items trending now: decayed counts of recent events from the user-state store (all replicas share it)."""
+    """Items trending now: decayed counts of recent events from the user-state store (all replicas share it).
+
+    The list is the same for every user, so it is read at most once per `max_age_s` (and again when a
+    request must skip more excluded items than the kept list can spare), not once per request.
+    """
 
     name = "trending"
 
-    def __init__(self, store: UserStore, n: int) -> None:
-        self.store, self.n = store, n
+    def __init__(self, store: UserStore, n: int, max_age_s: float = 1.0) -> None:
+        self.store, self.n, self.max_age_s = store, n, max_age_s
+        self._rows: list[tuple[str, float]] = []
+        self._asked = 0  # how many rows the kept list was read for (fewer came back: that is all there is)
+        self._read_at = float("-inf")
 
-    def fetch(self, query: SourceQuery, timeout_s: float) -> SourceResult:
+    async def _trending(self, want: int) -> list[tuple[str, float]]:
+        stale = time.monotonic() - self._read_at > self.max_age_s
+        if stale or (want > self._asked and len(self._rows) == self._asked):
+            asked = max(want, 2 * self.n)
+            read_at = time.monotonic()
+            self._rows = await asyncio.to_thread(self.store.trending, asked)
+            self._asked, self._read_at = asked, read_at
+        return self._rows
+
+    async def fetch(self, query: SourceQuery, timeout_s: float) -> SourceResult:
         excluded = set(query.excluded_ids)
-        # Ask for enough that n remain after dropping excluded items and items this bundle cannot rank.
-        rows = self.store.trending(self.n + len(excluded))
+        # Enough that n remain after dropping excluded items and items this bundle cannot rank.
+        rows = await self._trending(self.n + len(excluded))
         kept = [(i, s) for i, s in rows if i not in excluded and query.catalog.index_of(i)][: self.n]
         return SourceResult(self.name, [i for i, _ in kept], [s for _, s in kept])

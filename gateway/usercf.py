@@ -189,7 +189,7 @@ class UserCFSource:
     def __init__(self, users: ActiveUsers, space_of: Callable[[str], ItemSpace], n: int, n_neighbours: int) -> None:
         self.users, self.space_of, self.n, self.n_neighbours = users, space_of, n, n_neighbours
 
-    def fetch(self, query: SourceQuery, timeout_s: float) -> SourceResult:
+    async def fetch(self, query: SourceQuery, timeout_s: float) -> SourceResult:
         space = self.space_of(query.bundle_version)
         found = self.users.neighbours(query.user_key, query.history_idx, space, self.n_neighbours)
         if not found:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 import time
@@ -47,11 +48,11 @@ def address() -> Iterator[str]:
     server.stop(0)
 
 
-def latencies(client: RetrievalClient, n: int) -> np.ndarray:
+async def latencies(client: RetrievalClient, n: int) -> np.ndarray:
     out = []
     for _ in range(n):
         t = time.perf_counter()
-        assert client.search(["i1"], 10, [], "", 2.0).item_ids == ["i1"]
+        assert (await client.search(["i1"], 10, [], "", 2.0)).item_ids == ["i1"]
         out.append(time.perf_counter() - t)
     return np.asarray(out)
 
@@ -59,13 +60,18 @@ def latencies(client: RetrievalClient, n: int) -> np.ndarray:
 def test_hedging_cuts_the_tail_within_its_budget(address: str) -> None:
     plain = RetrievalClient(address, Hedger(max_extra_ratio=0.0))  # never hedges: the baseline, same server
     hedged = RetrievalClient(address, Hedger())
-    latencies(hedged, 100)  # learn the latency distribution
-    base = latencies(plain, 400)
-    calls_before, hedged_before = hedged.hedger.calls, hedged.hedger.hedged
-    with_hedging = latencies(hedged, 400)
-    extra = (hedged.hedger.hedged - hedged_before) / (hedged.hedger.calls - calls_before)
+
+    async def run() -> tuple[np.ndarray, np.ndarray, float]:
+        await latencies(hedged, 100)  # learn the latency distribution
+        base = await latencies(plain, 400)
+        calls_before, hedged_before = hedged.hedger.calls, hedged.hedger.hedged
+        with_hedging = await latencies(hedged, 400)
+        extra = (hedged.hedger.hedged - hedged_before) / (hedged.hedger.calls - calls_before)
+        await plain.close()
+        await hedged.close()
+        return base, with_hedging, extra
+
+    base, with_hedging, extra = asyncio.run(run())
     assert np.percentile(base, 99) >= SLOW_S  # the slow calls are there
     assert np.percentile(with_hedging, 99) < SLOW_S / 2, np.percentile(with_hedging, 99)
     assert extra <= 0.06, f"{extra:.3f} extra calls"
-    plain.close()
-    hedged.close()

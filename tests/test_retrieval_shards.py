@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,24 +40,29 @@ def test_merged_shards_equal_the_unsharded_top_k(processes: tuple[RetrievalProce
     whole, shards = processes
     single = retrieval_client(whole.address)
     sharded = retrieval_client(",".join(p.address for p in shards))
-    assert isinstance(sharded, ShardedRetrievalClient) and sharded.healthy(5)
-    rng = np.random.default_rng(0)
-    for n in range(20):
-        history = [f"i{i:03d}" for i in rng.choice(np.arange(1, N_ITEMS + 1), size=n % 6 + 1)]
-        exclude = [f"i{i:03d}" for i in rng.choice(np.arange(1, N_ITEMS + 1), size=n * 40)]
-        k = [1, 10, 100, 999][n % 4]
-        want = single.search(history, k, exclude, "", 5)
-        got = sharded.search(history, k, exclude, "", 5)
-        assert got.item_ids == want.item_ids
-        assert got.scores == want.scores  # exactly, not approximately
-        assert got.bundle_version == want.bundle_version
-        assert not set(got.item_ids) & set(exclude)
+    assert isinstance(sharded, ShardedRetrievalClient)
+
+    async def compare() -> None:  # the clients are asyncio (grpc.aio), bound to the loop they first run on
+        assert await sharded.healthy(5)
+        rng = np.random.default_rng(0)
+        for n in range(20):
+            history = [f"i{i:03d}" for i in rng.choice(np.arange(1, N_ITEMS + 1), size=n % 6 + 1)]
+            exclude = [f"i{i:03d}" for i in rng.choice(np.arange(1, N_ITEMS + 1), size=n * 40)]
+            k = [1, 10, 100, 999][n % 4]
+            want = await single.search(history, k, exclude, "", 5)
+            got = await sharded.search(history, k, exclude, "", 5)
+            assert got.item_ids == want.item_ids
+            assert got.scores == want.scores  # exactly, not approximately
+            assert got.bundle_version == want.bundle_version
+            assert not set(got.item_ids) & set(exclude)
+        await single.close()
+        await sharded.close()
+
+    asyncio.run(compare())
     for p in shards:
         reply = p.stub.Search(retrieval_pb2.SearchRequest(k=50), timeout=5)
         i, n = (int(x) for x in reply.shard.split("/"))
         assert n == SHARDS and all((int(x.item_id[1:]) - 1) % SHARDS == i for x in reply.items)
-    single.close()
-    sharded.close()
 
 
 def test_stack_serves_through_shards(tmp_path: Path) -> None:

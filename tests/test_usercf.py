@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
@@ -78,7 +79,7 @@ def test_neighbours_come_from_the_users_cluster_and_propose_what_they_did_not_se
     assert len(near) == 2 and all(sim > 0.5 for sim, _ in near)
     assert {int(i) for _, items in near for i in items} <= {1, 3, 5, 7, 9, 11}
 
-    result = source(users, view).fetch(query(view, "me", ids([1, 3])), timeout_s=1.0)
+    result = asyncio.run(source(users, view).fetch(query(view, "me", ids([1, 3])), timeout_s=1.0))
     assert result.name == "usercf"
     assert set(result.item_ids) == set(ids([5, 7, 9, 11])), "only odd neighbours, only unseen items, never self"
     assert result.scores == sorted(result.scores, reverse=True)
@@ -92,11 +93,13 @@ def test_excluded_items_and_the_users_own_row_are_never_used(views: tuple[Bundle
     users.observe("me", ids([1, 3, 5, 7]), view)
     users.observe("other", ids([1, 3, 9]), view)
     # exclude_seen off: the user's own items may come back, but not from their own row.
-    result = source(users, view).fetch(query(view, "me", ids([1, 3, 5, 7]), excluded=ids([9])), timeout_s=1.0)
+    result = asyncio.run(
+        source(users, view).fetch(query(view, "me", ids([1, 3, 5, 7]), excluded=ids([9])), timeout_s=1.0)
+    )
     assert set(result.item_ids) == set(ids([1, 3]))
     alone = ActiveUsers(max_users=10, items_per_user=20, max_idle_s=3600)
     alone.observe("me", ids([1, 3]), view)
-    assert source(alone, view).fetch(query(view, "me", ids([1, 3])), timeout_s=1.0).item_ids == []
+    assert asyncio.run(source(alone, view).fetch(query(view, "me", ids([1, 3])), timeout_s=1.0)).item_ids == []
 
 
 def test_the_index_is_bounded_and_evicts_the_least_recently_active(views: tuple[BundleView, BundleView]) -> None:
