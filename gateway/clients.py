@@ -29,6 +29,8 @@ class Scored:
     bundle_version: str
     # Shards that did not answer, with the reason: the answer covers the other shards' items only.
     missing: tuple[tuple[str, str], ...] = ()
+    # The query vector the search used (the user tower's output); ranking of the same version reuses it.
+    query_vector: Sequence[float] = ()
 
 
 class _Endpoint:
@@ -96,8 +98,8 @@ class RetrievalClient:
         metadata = outgoing_metadata()
         stub = retrieval_pb2_grpc.RetrievalStub(self.endpoint.channel)
         reply = await self.hedger.call(lambda t: stub.Search(request, timeout=t, metadata=metadata), timeout_s)
-        items = reply.items
-        return Scored([i.item_id for i in items], [i.score for i in items], reply.bundle_version)
+        ids, scores = [i.item_id for i in reply.items], [i.score for i in reply.items]
+        return Scored(ids, scores, reply.bundle_version, query_vector=reply.query_vector)
 
     async def healthy(self, timeout_s: float) -> bool:
         return await self.endpoint.healthy(timeout_s)
@@ -158,7 +160,9 @@ class ShardedRetrievalClient:
             ((score, item_id) for p in parts for item_id, score in zip(p.item_ids, p.scores, strict=True)),
             key=lambda pair: (-pair[0], pair[1]),
         )[:k]
-        return Scored([i for _, i in merged], [s for s, _ in merged], parts[0].bundle_version, tuple(missing))
+        # Every shard runs the same user tower on the same context: any shard's query vector will do.
+        ids, scores = [i for _, i in merged], [s for s, _ in merged]
+        return Scored(ids, scores, parts[0].bundle_version, tuple(missing), parts[0].query_vector)
 
     async def healthy(self, timeout_s: float) -> bool:
         return all(await asyncio.gather(*(s.healthy(timeout_s) for s in self.shards)))
@@ -192,14 +196,19 @@ class RankingClient:
         source_names: Sequence[str],
         bundle_version: str,
         timeout_s: float,
+        user_vector: Sequence[float] = (),
     ) -> list[float]:
-        """Scores aligned with item_ids; bit j of source_bits[i] says source_names[j] proposed item_ids[i]."""
+        """Scores aligned with item_ids; bit j of source_bits[i] says source_names[j] proposed item_ids[i].
+
+        user_vector: retrieval's query vector for the same context and (pinned) bundle version, if known.
+        """
         request = ranking_pb2.RankRequest(
             context=common_pb2.UserContext(recent_item_ids=recent_item_ids),
             item_ids=item_ids,
             source_bits=source_bits,
             source_names=source_names,
             bundle_version=bundle_version,
+            user_vector=user_vector,
         )
         stub = ranking_pb2_grpc.RankingStub(self.endpoint.channel)
         reply: ranking_pb2.RankResponse = await stub.Rank(request, timeout=timeout_s, metadata=outgoing_metadata())

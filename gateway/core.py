@@ -499,7 +499,10 @@ class Recommender:
             user_key=user_key,
         )
         t = time.perf_counter()
-        merged = self._merge(await self._run_sources(view, query, deadline, missing, timings))
+        results = await self._run_sources(view, query, deadline, missing, timings)
+        merged = self._merge(results)
+        # The user tower's output as retrieval computed it (same pinned version): ranking need not run it again.
+        user_vector = next((r.query_vector for r in results if r.query_vector), ())
         timings["sources"] = (time.perf_counter() - t) * 1000
 
         t = time.perf_counter()
@@ -516,7 +519,9 @@ class Recommender:
                 names = self.config.source_priority
                 bit = {name: 1 << j for j, name in enumerate(names)}
                 bits = [sum(bit.get(s, 0) for s in merged[item_id]) for item_id in candidates]
-                scores = await self.ranking.rank(recent_ids, candidates, bits, names, view.version, remaining)
+                scores = await self.ranking.rank(
+                    recent_ids, candidates, bits, names, view.version, remaining, user_vector
+                )
                 ranker_scores = np.asarray(scores)
             except grpc.RpcError as exc:
                 degraded = f"ranking failed: {_reason(exc)}"

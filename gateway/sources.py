@@ -45,6 +45,8 @@ class SourceResult:
     scores: list[float]
     # Parts of the source that did not answer (e.g. a retrieval shard), with the reason.
     missing: tuple[tuple[str, str], ...] = ()
+    # The user's query vector, from a source that computed one (ANN): ranking reuses it.
+    query_vector: Sequence[float] = ()
 
 
 class CandidateSource(Protocol):
@@ -73,7 +75,7 @@ class AnnSource:
             query.recent_ids, max(self.n, query.k), query.excluded_ids, query.bundle_version, timeout_s
         )
         missing = tuple((f"{self.name} {part}", reason) for part, reason in scored.missing)
-        return SourceResult(self.name, scored.item_ids, scored.scores, missing)
+        return SourceResult(self.name, scored.item_ids, scored.scores, missing, scored.query_vector)
 
 
 class CovisitSource:

@@ -95,10 +95,25 @@ class Ranker:
         ids = self.catalog.item_ids[:200]
         self.rank(ids[:1], Candidates.of([(i, ("ann",)) for i in ids]))
 
-    def rank(self, recent_item_ids: Sequence[str], candidates: Candidates) -> npt.NDArray[np.float32]:
-        """Scores aligned with candidates.item_ids; items the bundle does not know score -inf."""
+    def rank(
+        self,
+        recent_item_ids: Sequence[str],
+        candidates: Candidates,
+        user_vector: npt.NDArray[np.float32] | None = None,
+    ) -> npt.NDArray[np.float32]:
+        """Scores aligned with candidates.item_ids; items the bundle does not know score -inf.
+
+        user_vector: the user tower's output for recent_item_ids under this bundle version (retrieval's query
+        vector); None runs the tower here.
+        """
         if not 1 <= len(candidates) <= self.max_candidates:
             raise InvalidRequest("item_ids", f"must hold 1..{self.max_candidates} items, got {len(candidates)}")
+        if user_vector is not None:
+            dim = self.tables.item_emb.shape[1]
+            if user_vector.shape != (dim,):
+                raise InvalidRequest("user_vector", f"must hold {dim} values, got {user_vector.size}")
+            if not np.all(np.isfinite(user_vector)):
+                raise InvalidRequest("user_vector", "must hold finite numbers only")
         mask = candidates.source_mask()
         history = self.catalog.known(recent_item_ids)
         cand = self.catalog.indices(candidates.item_ids)
@@ -106,8 +121,10 @@ class Ranker:
         known = cand > 0
         if not known.any():
             return scores
-        (user_vec,) = self.user_tower.run(["user_vec"], {"history": pad_history(history, self.history_len)})
-        feed = ranker_feed(self.tables, history, cand[known], mask[known], user_vec[0])
+        if user_vector is None:
+            (towered,) = self.user_tower.run(["user_vec"], {"history": pad_history(history, self.history_len)})
+            user_vector = towered[0]
+        feed = ranker_feed(self.tables, history, cand[known], mask[known], user_vector)
         (out,) = self.ranker.run(["score"], feed)
         scores[known] = np.asarray(out, dtype=np.float32).reshape(-1)
         return scores

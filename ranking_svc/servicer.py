@@ -9,6 +9,7 @@ import numpy as np
 
 from protos.recsys.v1 import ranking_pb2, ranking_pb2_grpc
 from ranking_svc.core import Candidates, Ranker
+from recsys_common.errors import InvalidRequest
 from recsys_common.grpc_server import map_errors
 from recsys_common.snapshot import SnapshotHolder
 
@@ -26,5 +27,11 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
         candidates = Candidates(
             list(request.item_ids), np.asarray(request.source_bits, dtype=np.uint32), list(request.source_names)
         )
-        scores = ranker.rank(list(request.context.recent_item_ids), candidates)
+        user_vector = None
+        if request.user_vector:
+            if not request.bundle_version:
+                # A vector from another bundle version would be a point in another space: ranked, but wrongly.
+                raise InvalidRequest("user_vector", "needs bundle_version pinned to the version that computed it")
+            user_vector = np.asarray(request.user_vector, dtype=np.float32)
+        scores = ranker.rank(list(request.context.recent_item_ids), candidates, user_vector)
         return ranking_pb2.RankResponse(scores=scores.tolist(), bundle_version=ranker.version)

@@ -36,6 +36,7 @@ class SearchResult:
     scores: npt.NDArray[np.float32]
     bundle_version: str
     method: str = "ann"  # "ann" | "exact" | "fallback" (see retrieval_svc.ann)
+    query_vector: npt.NDArray[np.float32] | None = None  # what was searched with (the user tower's output)
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ class Retriever:
         for i, e in enumerate(excluded):
             if hits[i] is None:
                 hits[i] = self.ann.search(vectors[i : i + 1], queries[i].k + TIE_EXTRA, self.filter, e)
-        return [self._result(h, q.k) for h, q in zip(hits, queries, strict=True) if h is not None]
+        return [self._result(h, q.k, v) for h, q, v in zip(hits, queries, vectors, strict=True) if h is not None]
 
     def _excluded(self, q: Query) -> npt.NDArray[np.int64]:
         excluded = self.catalog.known(q.exclude_item_ids)
@@ -168,7 +169,7 @@ class Retriever:
             excluded = np.concatenate([excluded, self.catalog.known(q.recent_item_ids)])
         return np.unique(excluded)
 
-    def _result(self, hits: Hits, k: int) -> SearchResult:
+    def _result(self, hits: Hits, k: int, vector: npt.NDArray[np.float32]) -> SearchResult:
         order = np.lexsort((self.id_rank[hits.ids], -hits.scores))[:k]
         ids = self.catalog.item_ids
         return SearchResult(
@@ -176,6 +177,7 @@ class Retriever:
             scores=hits.scores[order],
             bundle_version=self.version,
             method=hits.method,
+            query_vector=vector,
         )
 
     def _validate(self, q: Query, where: str) -> None:

@@ -33,6 +33,8 @@ def from_proto(req: retrieval_pb2.SearchRequest, where: str = "") -> Query:
 
 def to_proto(result: SearchResult, shard: str) -> retrieval_pb2.SearchResponse:
     reply = retrieval_pb2.SearchResponse(bundle_version=result.bundle_version, shard=shard, method=result.method)
+    if result.query_vector is not None:
+        reply.query_vector.extend(result.query_vector.tolist())
     add = reply.items.add  # 2.4x faster than building ScoredItem objects and passing a list (0.12 vs 0.29 ms at k=100)
     for item_id, score in zip(result.item_ids, result.scores.tolist(), strict=True):
         add(item_id=item_id, score=score, sources=SOURCES)

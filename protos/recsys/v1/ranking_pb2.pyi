@@ -8,18 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RankRequest(_message.Message):
-    __slots__ = ("context", "bundle_version", "item_ids", "source_bits", "source_names")
+    __slots__ = ("context", "bundle_version", "item_ids", "source_bits", "source_names", "user_vector")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
     ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_BITS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_NAMES_FIELD_NUMBER: _ClassVar[int]
+    USER_VECTOR_FIELD_NUMBER: _ClassVar[int]
     context: _common_pb2.UserContext
     bundle_version: str
     item_ids: _containers.RepeatedScalarFieldContainer[str]
     source_bits: _containers.RepeatedScalarFieldContainer[int]
     source_names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, context: _Optional[_Union[_common_pb2.UserContext, _Mapping]] = ..., bundle_version: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ..., source_bits: _Optional[_Iterable[int]] = ..., source_names: _Optional[_Iterable[str]] = ...) -> None: ...
+    user_vector: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, context: _Optional[_Union[_common_pb2.UserContext, _Mapping]] = ..., bundle_version: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ..., source_bits: _Optional[_Iterable[int]] = ..., source_names: _Optional[_Iterable[str]] = ..., user_vector: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class RankResponse(_message.Message):
     __slots__ = ("scores", "bundle_version")

@@ -30,16 +30,18 @@ class SearchRequest(_message.Message):
     def __init__(self, context: _Optional[_Union[_common_pb2.UserContext, _Mapping]] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., k: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., exclude_context: _Optional[bool] = ..., bundle_version: _Optional[str] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("items", "bundle_version", "shard", "method")
+    __slots__ = ("items", "bundle_version", "shard", "method", "query_vector")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    QUERY_VECTOR_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[_common_pb2.ScoredItem]
     bundle_version: str
     shard: str
     method: str
-    def __init__(self, items: _Optional[_Iterable[_Union[_common_pb2.ScoredItem, _Mapping]]] = ..., bundle_version: _Optional[str] = ..., shard: _Optional[str] = ..., method: _Optional[str] = ...) -> None: ...
+    query_vector: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, items: _Optional[_Iterable[_Union[_common_pb2.ScoredItem, _Mapping]]] = ..., bundle_version: _Optional[str] = ..., shard: _Optional[str] = ..., method: _Optional[str] = ..., query_vector: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class BatchSearchRequest(_message.Message):
     __slots__ = ("requests",)
