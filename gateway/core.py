@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import itertools
 import logging
 import threading
 import time
@@ -106,6 +107,34 @@ class Recommendation:
     missing: list[tuple[str, str]] = field(default_factory=list)  # (stage, reason)
     degraded: str = ""  # non-empty: not in ranked order, and why
     timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Merged:
+    """The sources' candidates merged: de-duplicated ids in source-priority order; bit j of bits[i] says
+    names[j] proposed item_ids[i] (RankRequest's columns), and scores holds each source's own scores."""
+
+    item_ids: list[str]
+    bits: list[int]
+    names: tuple[str, ...]
+    scores: dict[str, dict[str, float]]  # source name -> {item id: that source's score}
+
+    @classmethod
+    def of(cls, lists: Sequence[tuple[str, Sequence[str], Sequence[float]]]) -> Merged:
+        """From (source name, item ids, scores) in priority order; ids already cut to the source's quota."""
+        names = tuple(dict.fromkeys(name for name, _, _ in lists))
+        item_ids = list(dict.fromkeys(itertools.chain.from_iterable(ids for _, ids, _ in lists)))
+        position = {item_id: n for n, item_id in enumerate(item_ids)}
+        bits = np.zeros(len(item_ids), dtype=np.int64)
+        scores: dict[str, dict[str, float]] = {}
+        for name, ids, source_scores in lists:
+            bits[[position[i] for i in ids]] |= 1 << names.index(name)
+            scores.setdefault(name, {}).update(zip(ids, source_scores, strict=False))
+        return cls(item_ids, bits.tolist(), names, scores)
+
+    def stage_scores(self, item_id: str) -> dict[str, float]:
+        """{source: its score} for every source that proposed item_id, in priority order."""
+        return {name: self.scores[name][item_id] for name in self.names if item_id in self.scores[name]}
 
 
 @dataclass
@@ -428,14 +457,9 @@ class Recommender:
         order = {name: n for n, name in enumerate(self.config.source_priority)}
         return sorted(results, key=lambda r: order.get(r.name, len(order)))
 
-    def _merge(self, results: list[SourceResult]) -> dict[str, dict[str, float]]:
-        """item id -> {source: score}, in source-priority order, each source capped at its quota."""
-        merged: dict[str, dict[str, float]] = {}
-        for result in results:
-            quota = self.config.quota(result.name)
-            for item_id, score in zip(result.item_ids[:quota], result.scores[:quota], strict=False):
-                merged.setdefault(item_id, {})[result.name] = score
-        return merged
+    def _merge(self, results: list[SourceResult]) -> Merged:
+        """De-duplicated candidates in source-priority order, each source capped at its quota."""
+        return Merged.of([(r.name, r.item_ids[: self.config.quota(r.name)], r.scores) for r in results])
 
     @staticmethod
     def _diversify(catalog: Catalog, ranked: list[str], k: int, max_per_genre: int | None) -> list[str]:
@@ -506,7 +530,7 @@ class Recommender:
         timings["sources"] = (time.perf_counter() - t) * 1000
 
         t = time.perf_counter()
-        candidates = list(merged)
+        candidates = merged.item_ids
         ranker_scores: np.ndarray | None = None
         degraded = ""
         remaining = deadline - t - self.config.reserve_ms / 1000
@@ -516,33 +540,34 @@ class Recommender:
             degraded = "ranking skipped: budget spent before ranking"
         else:
             try:
-                names = self.config.source_priority
-                bit = {name: 1 << j for j, name in enumerate(names)}
-                bits = [sum(bit.get(s, 0) for s in merged[item_id]) for item_id in candidates]
                 scores = await self.ranking.rank(
-                    recent_ids, candidates, bits, names, view.version, remaining, user_vector
+                    recent_ids, candidates, merged.bits, merged.names, view.version, remaining, user_vector
                 )
-                ranker_scores = np.asarray(scores)
+                if len(scores) == len(candidates):
+                    ranker_scores = np.asarray(scores, dtype=np.float64)
+                else:
+                    degraded = f"ranking failed: {len(scores)} scores for {len(candidates)} candidates"
             except grpc.RpcError as exc:
                 degraded = f"ranking failed: {_reason(exc)}"
         timings["ranking"] = (time.perf_counter() - t) * 1000
 
-        if ranker_scores is None:
-            # Fallback order: the merge order (sources by priority, each in its own score order).
-            fallback = np.linspace(1.0, 0.0, num=len(candidates), endpoint=False).tolist()
-            final = dict(zip(candidates, fallback, strict=True))
-        else:
-            final = {c: float(s) for c, s in zip(candidates, ranker_scores.tolist(), strict=True) if np.isfinite(s)}
-        ranked = sorted(final, key=final.__getitem__, reverse=True)
-        chosen = self._diversify(view.catalog, ranked, req.k, req.max_per_genre)
+        # Without ranking: the merge order (sources by priority, each in its own score order).
+        fallback = ranker_scores is None
+        final = np.linspace(1.0, 0.0, num=len(candidates), endpoint=False) if fallback else ranker_scores
+        rankable = np.flatnonzero(np.isfinite(final))  # unknown to the ranker's bundle: -inf, left out
+        order = rankable[np.argsort(-final[rankable], kind="stable")]  # ties keep the merge order
+        if req.max_per_genre is None:
+            order = order[: req.k]
+        chosen = self._diversify(view.catalog, [candidates[i] for i in order], req.k, req.max_per_genre)
+        position = {candidates[i]: int(i) for i in order}
         items = []
         for item_id in chosen:
-            stage = dict(merged[item_id])
+            score = float(final[position[item_id]])
+            stage = merged.stage_scores(item_id)
+            sources = tuple(stage)
             if ranker_scores is not None:
-                stage["ranker"] = final[item_id]
-            items.append(
-                RecommendedItem(item_id, final[item_id], tuple(merged[item_id]), view.catalog.title_of(item_id), stage)
-            )
+                stage["ranker"] = score
+            items.append(RecommendedItem(item_id, score, sources, view.catalog.title_of(item_id), stage))
         timings["total"] = (time.perf_counter() - started) * 1000
         record_answer(timings, missing, degraded)
         if degraded or missing:

@@ -58,7 +58,8 @@ class CandidateSource(Protocol):
 def _from_indices(
     name: str, catalog: Catalog, idx: npt.NDArray[np.int64], scores: npt.NDArray[np.float32]
 ) -> SourceResult:
-    return SourceResult(name, [catalog.id_of(int(i)) for i in idx], [float(s) for s in scores])
+    ids = catalog.item_ids  # index i is ids[i - 1]
+    return SourceResult(name, [ids[i - 1] for i in idx.tolist()], np.asarray(scores, dtype=np.float64).tolist())
 
 
 class AnnSource:
