@@ -229,7 +229,8 @@ def start_serve(
 ) -> tuple[subprocess.Popen[bytes], int]:
     """Start `recsys serve` on a free port and wait until GET /healthz answers 200."""
     port = free_port()
-    cmd = [*recsys, "serve", "--bundles", str(bundles), "--port", str(port), "--state", str(state)]
+    # Any free gRPC port: the bench only speaks REST, and two runs (or a running demo) must not collide.
+    cmd = [*recsys, "serve", "--bundles", str(bundles), "--port", str(port), "--grpc-port", "0", "--state", str(state)]
     print(f"$ {shlex.join(cmd)}  (log: {log_path})", file=sys.stderr)
     with log_path.open("wb") as log:
         # Its own session: Ctrl-C on the bench does not hit the server, the finally block stops it.

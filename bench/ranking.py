@@ -2,8 +2,8 @@
 
     python bench/ranking.py [--bundles BUNDLES_DIR] [--repeats 300] [--out bench/out/ranking.json]
 
-Builds the exporter's Ranker with the default ExportConfig sizes (catalogue size and item-feature
-width from the published bundle when --bundles is given, ML-100K's otherwise), exports it with the
+Builds the exporter's Ranker with the default ExportConfig sizes (catalogue size and dense-input
+width from the published bundle when --bundles is given, an ML-100K export's otherwise), exports it with the
 exporter's own ONNX path, quantizes that graph with onnxruntime.quantization.quantize_dynamic, and
 times one user's request of 100, 500 and 2,000 candidates on 1 and 2 threads. The three engines run
 interleaved call by call, so the ORT/torch ratios compare like with like on a noisy shared machine.
@@ -40,14 +40,14 @@ ENGINES = ("torch", "ort_fp32", "ort_int8")
 
 
 def _shape_from_bundle(bundles: Path | None) -> tuple[int, int]:
-    """(n_items, n_item_features) of the published bundle, or ML-100K's."""
+    """(n_items, width of the ranker's dense input) of the published bundle, or of an ML-100K export's."""
     if bundles is None:
-        return 1682, 21
+        return 1682, len(DENSE_FEATURES) + 21
     from recsys_common.bundle import open_bundle
+    from recsys_common.features import ItemTables
 
-    bundle = open_bundle(bundles)
-    feats = np.load(bundle.file("item_features.npy"), mmap_mode="r")
-    return int(feats.shape[0] - 1), int(feats.shape[1])
+    tables = ItemTables.load(open_bundle(bundles))  # the dense features its manifest declares
+    return tables.n_items, tables.n_dense
 
 
 def _session(path: Path, threads: int) -> ort.InferenceSession:
@@ -73,8 +73,7 @@ def _stats(ms: list[float]) -> dict[str, float]:
 
 def run(bundles: Path | None, repeats: int, seed: int) -> dict[str, Any]:
     config = ExportConfig()
-    n_items, n_item_feats = _shape_from_bundle(bundles)
-    n_dense = len(DENSE_FEATURES) + n_item_feats
+    n_items, n_dense = _shape_from_bundle(bundles)
     torch.manual_seed(seed)
     model = Ranker(
         n_items, config.ranker_dim, config.history_len, n_dense, config.ranker_cross_layers, config.ranker_hidden

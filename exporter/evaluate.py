@@ -26,7 +26,7 @@ from exporter.protocols import loo_split, replay_events, replay_split
 from exporter.sequences import Sequences, encode_items, item_vocabulary
 from exporter.tables import genre_multi_hot
 from exporter.train import ranker_scores
-from recsys_common.features import DENSE_FEATURES, ItemTables, pad_history, popular_candidates, ranker_feed
+from recsys_common.features import ItemTables, pad_history, popular_candidates, ranker_feed
 
 MODELS = ("most_pop", "two_tower", "two_tower+ranker")
 INT8 = "two_tower+ranker_int8"  # the same ranker as int8 ONNX, evaluated when config.ranker_int8
@@ -255,8 +255,7 @@ class OnnxScorer:
 def _int8_scorer(fitted: Fitted, workdir: Path, config: ExportConfig) -> dict[str, Scorer]:
     """The fitted ranker exported and int8-quantized as the pipeline would ship it, scoring in ONNX Runtime."""
     fp32, int8 = workdir / "ranker.onnx", workdir / "ranker.int8.onnx"
-    n_dense = len(DENSE_FEATURES) + fitted.tables.item_features.shape[1]
-    export_ranker(fitted.ranker, fp32, config.history_len, n_dense, config.opset)
+    export_ranker(fitted.ranker, fp32, config.history_len, fitted.tables.n_dense, config.opset)
     quantize_ranker(fp32, int8)
     return {INT8: OnnxScorer(int8.read_bytes(), threads=config.torch_threads)}
 

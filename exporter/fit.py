@@ -44,9 +44,9 @@ from exporter.candidates import CandidatePlan, serving_candidates
 from exporter.config import ExportConfig
 from exporter.models import Ranker, TwoTower
 from exporter.sequences import Sequences, histories_before
-from exporter.tables import covisitation, item_feature_matrix, popularity, recent_counts
+from exporter.tables import covisitation, ease_table, item_feature_matrix, popularity, recent_counts
 from exporter.train import RankerExamples, Stopwatch, item_table, train_ranker, train_two_tower, user_vectors
-from recsys_common.features import DENSE_FEATURES, Covisit, ItemTables, ranker_feed
+from recsys_common.features import Covisit, ItemTables, ranker_feed
 
 
 def holdout_mask(seqs: Sequences, events: int, max_frac: float) -> npt.NDArray[np.bool_]:
@@ -64,9 +64,13 @@ def build_item_tables(
     item_emb: npt.NDArray[np.float32],
     config: ExportConfig,
 ) -> tuple[ItemTables, list[str]]:
-    """Popularity, co-visitation and item features counted on seqs, with the retriever's item_emb."""
+    """Popularity, co-visitation, EASE and item features counted on seqs, with the retriever's item_emb."""
     pop = popularity(seqs.items, n_items)
     csr = covisitation(seqs, n_items, config.covisit_window, config.covisit_top_m)
+    ease = None
+    if config.ease_top_m > 0 and n_items <= config.ease_max_items:
+        e = ease_table(seqs, n_items, config.ease_lambda, config.ease_top_m)
+        ease = Covisit(e.indptr, e.indices, e.scores)
     feats, names = item_feature_matrix(genres, pop, recent_counts(seqs, n_items, config.recent_popularity_fraction))
     tables = ItemTables(
         popularity=pop,
@@ -75,6 +79,8 @@ def build_item_tables(
         item_emb=item_emb,
         history_len=config.history_len,
         covisit_decay=config.covisit_recency_decay,
+        ease=ease,
+        ease_decay=config.ease_recency_decay,
     )
     return tables, names
 
@@ -121,8 +127,8 @@ def ranker_examples(
     rng = np.random.default_rng(config.seed + 2)
     as_of = PopularityAsOf(seqs, tables.n_items, config.recent_popularity_fraction) if feature_names else None
     if as_of is not None and feature_names is not None:
-        pop_col = len(DENSE_FEATURES) + feature_names.index("log_popularity")
-        recent_col = len(DENSE_FEATURES) + feature_names.index("log_recent_popularity")
+        pop_col = len(tables.dense_features) + feature_names.index("log_popularity")
+        recent_col = len(tables.dense_features) + feature_names.index("log_recent_popularity")
     histories = histories_before(seqs, positions, config.history_len)
     vecs = user_vectors(model, histories)
     starts = seqs.indptr[:-1][seqs.user_of_position()[positions]]

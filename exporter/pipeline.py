@@ -37,7 +37,7 @@ from exporter.sequences import Sequences, encode_items, histories_before, item_v
 from exporter.tables import genre_multi_hot
 from exporter.train import Stopwatch, seed_everything, user_vectors
 from recsys_common.bundle import BundleWriter
-from recsys_common.features import DENSE_FEATURES, SOURCES, ranker_feed
+from recsys_common.features import SOURCES, ranker_feed
 from recsys_common.signing import load_private_key
 
 LATENCY_CANDIDATES = 350
@@ -282,6 +282,10 @@ def _stage(
         indices=tables.covisit.indices,
         scores=tables.covisit.scores,
     )
+    if tables.ease is not None:
+        np.savez(
+            staging / "ease.npz", indptr=tables.ease.indptr, indices=tables.ease.indices, scores=tables.ease.scores
+        )
 
     last_all = last_histories(seqs, config.history_len)
     user_vecs = user_embeddings(executor, fitted.retriever, tables.item_emb, last_all)
@@ -316,8 +320,7 @@ def _stage(
     histories = parity_histories(seqs, config.parity_rows, config.history_len, config.seed)
     ut_parity = user_tower_parity(fitted.retriever, ut_path, histories, config.parity_tol)
     rk_path = staging / "ranker.onnx"
-    n_dense = len(DENSE_FEATURES) + tables.item_features.shape[1]
-    export_ranker(fitted.ranker, rk_path, config.history_len, n_dense, config.opset)
+    export_ranker(fitted.ranker, rk_path, config.history_len, tables.n_dense, config.opset)
     feeds = _ranker_feeds(fitted, seqs, last_all, config.parity_rows, config)
     rk_parity = ranker_parity(fitted.ranker, rk_path, feeds, config.parity_tol)
     _log(
@@ -367,9 +370,17 @@ def _stage(
         "models": models,
         "features": {
             "covisit_recency_decay": tables.covisit_decay,
+            **(
+                {
+                    "ease_recency_decay": tables.ease_decay,
+                    "ease": {"lambda": config.ease_lambda, "top_m": config.ease_top_m},
+                }
+                if tables.ease is not None
+                else {}
+            ),
             "sources": list(SOURCES),
             "candidate_plan": CandidatePlan.from_config(config).as_dict(),
-            "dense": list(DENSE_FEATURES),
+            "dense": list(tables.dense_features),
             "item_features": fitted.feature_names,
         },
     }

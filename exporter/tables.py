@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import scipy.sparse as sp
 
 from exporter.sequences import Sequences
 
@@ -53,16 +55,57 @@ def covisitation(seqs: Sequences, n_items: int, window: int, top_m: int) -> Covi
         weights = np.zeros(0)
     keys, inverse = np.unique(src * n_rows + dst, return_inverse=True)
     summed = np.bincount(inverse, weights=weights, minlength=keys.size)
-    rows, cols = keys // n_rows, keys % n_rows
-    # Sort by row, then by descending score (ties: smaller item index first) and cut each row at top_m.
-    order = np.lexsort((cols, -summed, rows))
-    rows, cols, summed = rows[order], cols[order], summed[order]
+    return _top_m_rows(keys // n_rows, keys % n_rows, summed, n_rows, top_m)
+
+
+def _top_m_rows(
+    rows: npt.NDArray[np.int64], cols: npt.NDArray[np.int64], scores: npt.NDArray[Any], n_rows: int, top_m: int
+) -> CovisitCSR:
+    """CSR of (row, col, score) entries: each row's top_m by descending score (ties: smaller col first)."""
+    order = np.lexsort((cols, -scores, rows))
+    rows, cols, scores = rows[order], cols[order], scores[order]
     starts = np.searchsorted(rows, np.arange(n_rows + 1))
     rank = np.arange(rows.size) - starts[rows]
     keep = rank < top_m
-    rows, cols, summed = rows[keep], cols[keep], summed[keep]
+    rows, cols, scores = rows[keep], cols[keep], scores[keep]
     indptr = np.r_[0, np.cumsum(np.bincount(rows, minlength=n_rows))].astype(np.int64)
-    return CovisitCSR(indptr, cols.astype(np.int32), summed.astype(np.float32))
+    return CovisitCSR(indptr, cols.astype(np.int32), scores.astype(np.float32))
+
+
+def ease_weights(seqs: Sequences, n_items: int, lam: float) -> npt.NDArray[np.float64]:
+    """(n + 1, n + 1) EASE weights B (Steck 2019) by item index, fitted on seqs; row and column 0 are 0.
+
+    B = I - P diagMat(1 / diag(P)), P = (X^T X + lam I)^-1 over the binary user x item matrix X, diag(B) = 0:
+    the closed form of exporter.baselines.fit_ease. score(user, j) = sum over history items i of B[i, j].
+    """
+    user_of = seqs.user_of_position()
+    keep = seqs.items > 0
+    x = sp.csr_matrix((np.ones(int(keep.sum())), (user_of[keep], seqs.items[keep] - 1)), shape=(seqs.n_users, n_items))
+    x.sum_duplicates()
+    x.data[:] = 1.0  # a repeated (user, item) pair counts once
+    gram = np.asarray((x.T @ x).toarray(), dtype=np.float64)
+    gram[np.diag_indices_from(gram)] += lam
+    p = np.linalg.inv(gram)
+    b = np.zeros((n_items + 1, n_items + 1), dtype=np.float64)
+    b[1:, 1:] = -p / np.diag(p)[None, :]
+    np.fill_diagonal(b, 0.0)
+    return b
+
+
+def ease_table(seqs: Sequences, n_items: int, lam: float, top_m: int) -> CovisitCSR:
+    """Top-m EASE weights per history item, best first: row i holds the items j with the largest B[i, j] > 0.
+
+    Only positive weights are kept: a candidate missing from a row then reads 0, the prior a negative weight
+    would only push further down, and the served table is a tenth of the dense matrix at top_m 200.
+    """
+    b = ease_weights(seqs, n_items, lam)
+    m = min(top_m, n_items)
+    top = np.argpartition(-b, m - 1, axis=1)[:, :m] if m > 0 else np.zeros((n_items + 1, 0), dtype=np.int64)
+    rows = np.repeat(np.arange(n_items + 1), top.shape[1])
+    cols = top.reshape(-1).astype(np.int64)
+    vals = b[rows, cols]
+    pos = vals > 0
+    return _top_m_rows(rows[pos], cols[pos], vals[pos], n_items + 1, top_m)
 
 
 def item_feature_matrix(

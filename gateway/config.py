@@ -39,7 +39,7 @@ class GatewayConfig:
     sources_budget_share: float = 0.5
     reserve_ms: float = 2.0
     # Candidates asked of each source (its quota in the merge; ANN and popular are raised to k).
-    ann_candidates: int = 200
+    ann_candidates: int = 100  # the exporter trains the ranker on this plan (ExportConfig.cand_ann)
     covisit_candidates: int = 100
     trending_candidates: int = 50
     # The trending list (the same for every user) is re-read from the store at most this often.

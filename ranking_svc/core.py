@@ -75,6 +75,17 @@ def _check_inputs(session: ort.InferenceSession, declared: list[dict[str, object
         raise BundleMismatch(f"bundle {version}: {name} inputs are {actual}, the manifest declares {wanted}")
 
 
+def _check_dense_width(session: ort.InferenceSession, tables: ItemTables, version: str) -> None:
+    """Refuse a ranker whose "dense" width differs from the columns ranker_feed makes for this bundle."""
+    width = next((i.shape[-1] for i in session.get_inputs() if i.name == "dense"), None)
+    if isinstance(width, int) and width != tables.n_dense:
+        raise BundleMismatch(
+            f"bundle {version}: ranker dense input has {width} columns, but the manifest's features make "
+            f"{tables.n_dense} ({len(tables.dense_features)} dense features {list(tables.dense_features)} + "
+            f"{tables.item_features.shape[1]} item features)"
+        )
+
+
 class Ranker:
     """Holds one loaded bundle (an immutable snapshot) and scores candidates against it."""
 
@@ -89,6 +100,7 @@ class Ranker:
         self.ranker = _ort_session(str(bundle.file(models["ranker"]["file"])), threads)
         _check_inputs(self.user_tower, models["user_tower"]["inputs"], "user_tower", self.version)
         _check_inputs(self.ranker, models["ranker"]["inputs"], "ranker", self.version)
+        _check_dense_width(self.ranker, self.tables, self.version)
         self._warm_up()
 
     def _warm_up(self) -> None:

@@ -1,8 +1,8 @@
 """A tiny, hand-built bundle for core and server tests: no torch, no training, known answers.
 
 Items 1..n fall in two planted clusters along the first two axes; the user tower is the mean of the
-history's item embeddings and the ranker scores dense[..., 0] (the retrieval score) plus a small
-co-visitation term, both written as plain ONNX graphs with onnx.helper.
+history's item embeddings and the ranker scores the retrieval score plus a small co-visitation term (and,
+with ease=True, an EASE term), both written as plain ONNX graphs with onnx.helper.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from exporter import ann_index
 from recsys_common.bundle import BundleWriter
-from recsys_common.features import DENSE_FEATURES, SOURCES
+from recsys_common.features import SOURCES, dense_features_for
 
 DIM = 8
 HISTORY_LEN = 5
 OPSET = 18
+# The ranker graph's weights: score = retrieval_score + 0.01 * covisit_history (+ 0.1 * ease_history).
+RANKER_WEIGHTS = {"retrieval_score": 1.0, "covisit_history": 0.01, "ease_history": 0.1}
 
 
 def item_embeddings(n_items: int, seed: int = 0, dim: int = DIM) -> np.ndarray:
@@ -77,10 +79,11 @@ def _user_tower(emb: np.ndarray) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
-def _ranker(n_dense: int) -> onnx.ModelProto:
+def _ranker(dense_features: Sequence[str], n_dense: int) -> onnx.ModelProto:
     weights = np.zeros((n_dense, 1), dtype=np.float32)
-    weights[DENSE_FEATURES.index("retrieval_score"), 0] = 1.0
-    weights[DENSE_FEATURES.index("covisit_history"), 0] = 0.01
+    for name, weight in RANKER_WEIGHTS.items():
+        if name in dense_features:
+            weights[list(dense_features).index(name), 0] = weight
     nodes = [
         helper.make_node("MatMul", ["dense", "w"], ["s3"]),  # (B, C, 1)
         helper.make_node("Squeeze", ["s3", "axis2"], ["score"]),
@@ -114,6 +117,9 @@ def make_bundle(
     unavailable: Sequence[str] | None = None,
     make_current: bool = True,
     prebuilt: tuple[faiss.Index, dict[str, Any]] | None = None,
+    ease: bool = False,
+    dense_features: Sequence[str] | None = None,
+    ranker_dense: int | None = None,
 ) -> str:
     """Publish a tiny bundle into bundles_dir and return its version.
 
@@ -122,6 +128,11 @@ def make_bundle(
     search parameters, e.g. {"nlist": 16, "nprobe": 4} or {"M": 16, "efSearch": 32}).
     unavailable: item ids to write to unavailable.json (items that must never be returned).
     prebuilt: (index, manifest "index" entry) from exporter.ann_index.choose_and_build, used as is.
+    ease: also write ease.npz (item i's EASE weights: 0.5 for i + 1, 0.25 for i + 3) and declare the ranker's
+    dense features in the manifest (features.dense, default recsys_common.features.dense_features_for(ease)).
+    dense_features: declare these instead (e.g. an older bundle's list); ranker_dense: the ranker graph's dense
+    width instead of the declared features' (a mismatched bundle). Without any of the three the manifest has no
+    features section, as the bundles made before it had none.
     """
     if emb is None:
         emb = item_embeddings(n_items, seed, dim)
@@ -137,7 +148,8 @@ def make_bundle(
         scores += [2.0, 1.0][: len(row)]
         indptr.append(indptr[-1] + len(row))
     item_features = np.stack([np.log1p(popularity)], axis=1).astype(np.float32)
-    n_dense = len(DENSE_FEATURES) + item_features.shape[1]
+    declared = list(dense_features) if dense_features is not None else list(dense_features_for(ease))
+    n_dense = ranker_dense if ranker_dense is not None else len(declared) + item_features.shape[1]
 
     writer = BundleWriter(bundles_dir)
     out = writer.staging
@@ -159,7 +171,7 @@ def make_bundle(
     if unavailable is not None:
         (out / "unavailable.json").write_text(json.dumps({"item_ids": list(unavailable)}))
     onnx.save(_user_tower(emb), out / "user_tower.onnx")
-    onnx.save(_ranker(n_dense), out / "ranker.onnx")
+    onnx.save(_ranker(declared, n_dense), out / "ranker.onnx")
     np.save(out / "popularity.npy", popularity)
     np.savez(
         out / "covisit.npz",
@@ -168,6 +180,22 @@ def make_bundle(
         scores=np.array(scores, dtype=np.float32),
     )
     np.save(out / "item_features.npy", np.concatenate([np.zeros((1, 1), np.float32), item_features[1:]]))
+    if ease:
+        e_indptr, e_indices, e_scores = [0, 0], [], []
+        for i in range(1, n_items + 1):
+            row = [j for j in (i + 1, i + 3) if j <= n_items]
+            e_indices += row
+            e_scores += [0.5, 0.25][: len(row)]
+            e_indptr.append(e_indptr[-1] + len(row))
+        np.savez(
+            out / "ease.npz",
+            indptr=np.array(e_indptr, dtype=np.int64),
+            indices=np.array(e_indices, dtype=np.int32),
+            scores=np.array(e_scores, dtype=np.float32),
+        )
+    features: dict[str, Any] = {}
+    if ease or dense_features is not None or ranker_dense is not None:
+        features = {"features": {"dense": declared, "ease_recency_decay": 0.5} if ease else {"dense": declared}}
     hist = [{"name": "history", "dtype": "int64", "shape": ["batch", HISTORY_LEN]}]
     return writer.publish(
         {
@@ -195,6 +223,7 @@ def make_bundle(
                 },
             },
             "data": {"fingerprint": "test", "n_users": 0, "n_items": n_items, "n_interactions": 0},
+            **features,
         },
         make_current=make_current,
     )

@@ -66,7 +66,8 @@ def test_ranker_parity_on_real_candidates(ml100k, tmp_path: Path) -> None:  # ty
     cfg = ExportConfig()
     retriever = _two_tower(n_items, genres, cfg)
     tables, names = build_item_tables(seqs, n_items, genres, item_table(retriever), cfg)
-    n_dense = len(DENSE_FEATURES) + len(names)
+    n_dense = tables.n_dense  # the ease_* columns included: build_item_tables makes an EASE table
+    assert n_dense == len(DENSE_FEATURES) + len(names)
     torch.manual_seed(1)
     ranker = Ranker(n_items, cfg.ranker_dim, cfg.history_len, n_dense, cfg.ranker_cross_layers, cfg.ranker_hidden)
     ranker.eval()

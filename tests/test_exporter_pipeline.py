@@ -12,7 +12,7 @@ from exporter.config import ExportConfig
 from exporter.pipeline import run_export
 from exporter.synth import generate
 from recsys_common.bundle import open_bundle, sha256_file
-from recsys_common.features import DENSE_FEATURES, ItemTables
+from recsys_common.features import BASE_FEATURES, DENSE_FEATURES, ItemTables
 
 FILES = {
     "items.json",
@@ -23,6 +23,7 @@ FILES = {
     "popularity.npy",
     "covisit.npz",
     "item_features.npy",
+    "ease.npz",
 }
 
 
@@ -71,7 +72,11 @@ def test_manifest_dims_and_schemas(exported) -> None:  # type: ignore[no-untyped
     tables = ItemTables.load(bundle)
     assert tables.covisit.indptr.shape == (n + 2,)
     assert tables.item_features.shape[0] == n + 1
-    assert len(m["features"]["dense"]) == len(DENSE_FEATURES)
+    assert m["features"]["dense"] == list(DENSE_FEATURES) == list(tables.dense_features)
+    assert tables.ease is not None and tables.ease.indptr.shape == (n + 2,) and (tables.ease.scores > 0).all()
+    assert m["features"]["ease"] == {"lambda": config.ease_lambda, "top_m": config.ease_top_m}
+    assert tables.ease_decay == m["features"]["ease_recency_decay"] == config.ease_recency_decay
+    assert next(i for i in m["models"]["ranker"]["inputs"] if i["name"] == "dense")["shape"][-1] == tables.n_dense
     for protocol in ("loo", "replay"):
         for model in ("most_pop", "two_tower", "two_tower+ranker"):
             assert 0.0 <= m["evaluation"][protocol][model]["hr"] <= 1.0
@@ -102,3 +107,16 @@ def test_export_is_deterministic(exported, synth_data: Path, tmp_path: Path) -> 
     second = open_bundle(tmp_path, run_export(config, synth_data, tmp_path, progress=False)).manifest
     assert {k: v["sha256"] for k, v in first["files"].items()} == {k: v["sha256"] for k, v in second["files"].items()}
     assert first["evaluation"]["loo"]["two_tower+ranker"] == second["evaluation"]["loo"]["two_tower+ranker"]
+
+
+def test_export_without_an_ease_table_serves_the_base_features(synth_data: Path, tmp_path: Path) -> None:
+    from ranking_svc.core import Candidates, Ranker
+
+    run_export(ExportConfig.tiny(ease_top_m=0), synth_data, tmp_path, progress=False)
+    bundle = open_bundle(tmp_path)
+    assert "ease.npz" not in bundle.manifest["files"] and "ease" not in bundle.manifest["features"]
+    assert bundle.manifest["features"]["dense"] == list(BASE_FEATURES)
+    ranker = Ranker(bundle)
+    assert ranker.tables.ease is None and ranker.tables.dense_features == BASE_FEATURES
+    ids = ranker.catalog.item_ids
+    assert np.isfinite(ranker.rank(ids[:3], Candidates.of([(i, ("ann",)) for i in ids[3:20]]))).all()

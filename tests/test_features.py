@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from recsys_common.features import (
+    BASE_FEATURES,
     DENSE_FEATURES,
+    EASE_FEATURES,
     SOURCES,
     Covisit,
     ItemTables,
     covisit_candidates,
     covisit_scores,
+    ease_scores,
     merge_sources,
     pad_history,
     popular_candidates,
@@ -113,9 +117,10 @@ def test_ranker_feed_shapes_and_values() -> None:
     assert feed["history"].tolist() == [[0, 0, 1, 2]] and feed["history"].dtype == np.int64
     assert feed["candidates"].tolist() == [[3, 4, 5]] and feed["candidates"].dtype == np.int64
     dense = feed["dense"]
-    assert dense.shape == (1, 3, len(DENSE_FEATURES) + 2) and dense.dtype == np.float32
+    assert t.dense_features == BASE_FEATURES  # no EASE table: no ease_* columns
+    assert dense.shape == (1, 3, len(BASE_FEATURES) + 2) and dense.dtype == np.float32
     retrieval = t.item_emb[cands] @ user_vec
-    col = {name: j for j, name in enumerate(DENSE_FEATURES)}
+    col = {name: j for j, name in enumerate(BASE_FEATURES)}
     np.testing.assert_allclose(dense[0, :, col["retrieval_score"]], retrieval, rtol=1e-6)
     np.testing.assert_allclose(dense[0, :, col["retrieval_gap"]], retrieval - retrieval.max(), rtol=1e-6, atol=1e-6)
     z = (retrieval - retrieval.mean()) / (retrieval.std() + 1e-6)
@@ -131,15 +136,106 @@ def test_ranker_feed_shapes_and_values() -> None:
     np.testing.assert_allclose(dense[0, :, col["sim_recent_max"]], cos.max(axis=1), rtol=1e-5, atol=1e-6)
     src = col[f"source:{SOURCES[0]}"]
     np.testing.assert_array_equal(dense[0, :, src : src + len(SOURCES)], mask)
-    np.testing.assert_array_equal(dense[0, :, len(DENSE_FEATURES) :], t.item_features[cands])
+    np.testing.assert_array_equal(dense[0, :, len(BASE_FEATURES) :], t.item_features[cands])
 
 
 def test_ranker_feed_for_a_user_without_history() -> None:
     t = _tables()
     feed = ranker_feed(t, np.array([], dtype=np.int64), np.array([1, 2]), np.ones((2, 3), np.float32), np.ones(3))
     assert feed["history"].tolist() == [[0, 0, 0, 0]]
-    covisit = [DENSE_FEATURES.index("covisit_history"), DENSE_FEATURES.index("covisit_last")]
+    covisit = [BASE_FEATURES.index("covisit_history"), BASE_FEATURES.index("covisit_last")]
     assert np.all(feed["dense"][0, :, covisit] == 0)
+    t = _ease_tables()
+    feed = ranker_feed(t, np.array([], dtype=np.int64), np.array([1, 2]), np.ones((2, 3), np.float32), np.ones(3))
+    ease = [t.dense_features.index(f) for f in EASE_FEATURES if f != "ease_rank"]
+    assert np.all(feed["dense"][0, :, ease] == 0)
+
+
+def _ease_tables() -> ItemTables:
+    # EASE rows (best first): 1 -> {3: 0.5, 5: 0.2}; 2 -> {4: 0.4, 3: 0.1}; 4 -> {5: 0.3}; 3 and 5 are empty.
+    ease = Covisit(
+        np.array([0, 0, 2, 4, 4, 5, 5], dtype=np.int64),
+        np.array([3, 5, 4, 3, 5], dtype=np.int32),
+        np.array([0.5, 0.2, 0.4, 0.1, 0.3], dtype=np.float32),
+    )
+    return replace(_tables(), ease=ease, ease_decay=0.5, dense_features=())
+
+
+def test_ranker_feed_ease_columns() -> None:
+    t = _ease_tables()
+    assert t.dense_features == DENSE_FEATURES and t.n_dense == len(DENSE_FEATURES) + 2
+    history, cands = np.array([1, 2]), np.array([3, 4, 5])
+    dense = ranker_feed(t, history, cands, np.ones((3, 3), np.float32), np.ones(3))["dense"][0]
+    col = {name: j for j, name in enumerate(DENSE_FEATURES)}
+    # The newest item (2) weighs 1, item 1 weighs ease_decay = 0.5.
+    np.testing.assert_allclose(dense[:, col["ease_history"]], [0.1 + 0.5 * 0.5, 0.4, 0.5 * 0.2], rtol=1e-6)
+    np.testing.assert_allclose(dense[:, col["ease_history_flat"]], [0.1 + 0.5, 0.4, 0.2], rtol=1e-6)
+    np.testing.assert_allclose(dense[:, col["ease_last"]], [0.1, 0.4, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(dense[:, col["ease_rank"]], np.log1p([1, 0, 2]), rtol=1e-6)  # by ease_history
+    # The base columns are the same with or without the EASE table.
+    base = ranker_feed(
+        replace(t, ease=None, dense_features=()), history, cands, np.ones((3, 3), np.float32), np.ones(3)
+    )
+    np.testing.assert_array_equal(dense[:, : len(BASE_FEATURES)], base["dense"][0, :, : len(BASE_FEATURES)])
+    np.testing.assert_array_equal(dense[:, len(DENSE_FEATURES) :], t.item_features[cands])
+
+
+def test_ranker_feed_makes_the_columns_a_bundle_declares_in_its_order() -> None:
+    # An older bundle's ranker takes fewer columns, in another order.
+    declared = ("covisit_last", "retrieval_score", "source:popular")
+    t = replace(_tables(), dense_features=declared)
+    cands = np.array([3, 4, 5])
+    mask = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float32)
+    full = ranker_feed(replace(t, dense_features=()), np.array([1, 2]), cands, mask, np.ones(3))["dense"][0]
+    dense = ranker_feed(t, np.array([1, 2]), cands, mask, np.ones(3))["dense"][0]
+    assert dense.shape == (3, len(declared) + 2)
+    for j, name in enumerate(declared):
+        np.testing.assert_array_equal(dense[:, j], full[:, BASE_FEATURES.index(name)])
+    np.testing.assert_array_equal(dense[:, len(declared) :], t.item_features[cands])
+
+
+@pytest.mark.parametrize(
+    ("declared", "message"),
+    [
+        (("retrieval_score", "no_such_feature"), "unknown dense feature"),
+        (("retrieval_score", "ease_last"), "need ease.npz"),  # no EASE table
+    ],
+)
+def test_item_tables_refuse_features_they_cannot_make(declared: tuple[str, ...], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        replace(_tables(), dense_features=declared)
+
+
+@pytest.mark.parametrize("n_items", [300, 100_000])  # dense accumulator / sorted path of the feed's lookups
+def test_ranker_feed_history_sums_equal_the_candidate_lists(n_items: int) -> None:
+    rng = np.random.default_rng(4)
+    rows = [rng.choice(np.arange(1, 301), size=rng.integers(0, 40), replace=False) for _ in range(300)]
+    ends = np.cumsum([len(r) for r in rows])
+    indptr = np.concatenate([[0, 0], ends, np.full(n_items - 300, ends[-1])]).astype(np.int64)
+    csr = Covisit(indptr, np.concatenate(rows).astype(np.int32), rng.random(int(ends[-1])).astype(np.float32))
+    t = ItemTables(
+        popularity=np.zeros(n_items + 1, np.float32),
+        covisit=csr,
+        item_features=np.zeros((n_items + 1, 1), np.float32),
+        item_emb=np.zeros((n_items + 1, 2), np.float32),
+        history_len=20,
+        ease=csr,
+        ease_decay=0.7,
+    )
+    history = rng.choice(np.arange(1, 301), size=30, replace=False)
+    cands = rng.choice(np.arange(1, 301), size=80, replace=False)
+    dense = ranker_feed(t, history, cands, np.zeros((80, 3), np.float32), np.zeros(2))["dense"][0]
+    for feature, scores, transform in (
+        ("covisit_history", covisit_scores(t, history), np.log1p),
+        ("ease_history", ease_scores(t, history), lambda x: x),
+    ):
+        items, values = scores
+        expected = dict(zip(items.tolist(), values.tolist(), strict=True))
+        got = dense[:, DENSE_FEATURES.index(feature)]
+        np.testing.assert_allclose(got, transform(np.array([expected.get(c, 0.0) for c in cands])), rtol=1e-5)
+    lo, hi = indptr[history[-1]], indptr[history[-1] + 1]
+    last = dict(zip(csr.indices[lo:hi].tolist(), csr.scores[lo:hi].tolist(), strict=True))
+    np.testing.assert_allclose(dense[:, DENSE_FEATURES.index("ease_last")], [last.get(c, 0.0) for c in cands.tolist()])
 
 
 def test_features_module_imports_no_heavy_packages() -> None:
