@@ -105,6 +105,22 @@ def _ranker(dense_features: Sequence[str], n_dense: int) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
+def _save_neighbours(path: Path, n_items: int, steps: tuple[int, ...], weights: tuple[float, ...]) -> None:
+    """An item-item CSR table (covisit.npz layout): item i's neighbours are i + steps[k], weighing weights[k]."""
+    indptr, indices, scores = [0, 0], [], []
+    for i in range(1, n_items + 1):
+        row = [i + step for step in steps if i + step <= n_items]
+        indices += row
+        scores += list(weights[: len(row)])
+        indptr.append(indptr[-1] + len(row))
+    np.savez(
+        path,
+        indptr=np.array(indptr, dtype=np.int64),
+        indices=np.array(indices, dtype=np.int32),
+        scores=np.array(scores, dtype=np.float32),
+    )
+
+
 def make_bundle(
     bundles_dir: Path,
     n_items: int = 40,
@@ -140,13 +156,6 @@ def make_bundle(
     item_ids = [f"i{i:03d}" for i in range(1, n_items + 1)]
     genres = [["Odd"] if i % 2 else ["Even"] for i in range(1, n_items + 1)]
     popularity = np.concatenate([[0.0], np.arange(n_items, 0, -1)]).astype(np.float32)  # item 1 most popular
-    # Co-visitation: each item's neighbours are the next two items of the same parity.
-    indptr, indices, scores = [0, 0], [], []
-    for i in range(1, n_items + 1):
-        row = [j for j in (i + 2, i + 4) if j <= n_items]
-        indices += row
-        scores += [2.0, 1.0][: len(row)]
-        indptr.append(indptr[-1] + len(row))
     item_features = np.stack([np.log1p(popularity)], axis=1).astype(np.float32)
     declared = list(dense_features) if dense_features is not None else list(dense_features_for(ease))
     n_dense = ranker_dense if ranker_dense is not None else len(declared) + item_features.shape[1]
@@ -173,26 +182,11 @@ def make_bundle(
     onnx.save(_user_tower(emb), out / "user_tower.onnx")
     onnx.save(_ranker(declared, n_dense), out / "ranker.onnx")
     np.save(out / "popularity.npy", popularity)
-    np.savez(
-        out / "covisit.npz",
-        indptr=np.array(indptr, dtype=np.int64),
-        indices=np.array(indices, dtype=np.int32),
-        scores=np.array(scores, dtype=np.float32),
-    )
+    # Co-visitation: each item's neighbours are the next two items of the same parity.
+    _save_neighbours(out / "covisit.npz", n_items, (2, 4), (2.0, 1.0))
     np.save(out / "item_features.npy", np.concatenate([np.zeros((1, 1), np.float32), item_features[1:]]))
     if ease:
-        e_indptr, e_indices, e_scores = [0, 0], [], []
-        for i in range(1, n_items + 1):
-            row = [j for j in (i + 1, i + 3) if j <= n_items]
-            e_indices += row
-            e_scores += [0.5, 0.25][: len(row)]
-            e_indptr.append(e_indptr[-1] + len(row))
-        np.savez(
-            out / "ease.npz",
-            indptr=np.array(e_indptr, dtype=np.int64),
-            indices=np.array(e_indices, dtype=np.int32),
-            scores=np.array(e_scores, dtype=np.float32),
-        )
+        _save_neighbours(out / "ease.npz", n_items, (1, 3), (0.5, 0.25))
     features: dict[str, Any] = {}
     if ease or dense_features is not None or ranker_dense is not None:
         features = {"features": {"dense": declared, "ease_recency_decay": 0.5} if ease else {"dense": declared}}
