@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,6 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway.hedging import Hedger
 from protos.recsys.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 from recsys_common.logs import outgoing_metadata
+
+S = TypeVar("S")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class _Endpoint:
         self._credentials = credentials
         self._options = list(options)
         self._channel: grpc.aio.Channel | None = None
+        self._stubs: dict[type, Any] = {}
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -56,9 +60,16 @@ class _Endpoint:
                 self._channel = grpc.aio.secure_channel(self.address, self._credentials, options=self._options)
         return self._channel
 
+    def stub(self, stub_class: type[S]) -> S:
+        """One stub per class and channel: a stub builds a multi-callable per method, too dear for every call."""
+        stub = self._stubs.get(stub_class)
+        if stub is None:
+            stub = self._stubs[stub_class] = stub_class(self.channel)
+        return cast(S, stub)
+
     async def healthy(self, timeout_s: float) -> bool:
         try:
-            reply = await health_pb2_grpc.HealthStub(self.channel).Check(
+            reply = await self.stub(health_pb2_grpc.HealthStub).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
             )
         except grpc.RpcError:
@@ -69,6 +80,7 @@ class _Endpoint:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
+            self._stubs.clear()
 
 
 # Message limits on the client side too: requests are small, answers at most max_k items (retrieval_svc.config).
@@ -94,11 +106,15 @@ class RetrievalClient:
             exclude_item_ids=exclude,
             exclude_context=False,
             bundle_version=bundle_version,
+            columns=True,
         )
         metadata = outgoing_metadata()
-        stub = retrieval_pb2_grpc.RetrievalStub(self.endpoint.channel)
+        stub = self.endpoint.stub(retrieval_pb2_grpc.RetrievalStub)
         reply = await self.hedger.call(lambda t: stub.Search(request, timeout=t, metadata=metadata), timeout_s)
-        ids, scores = [i.item_id for i in reply.items], [i.score for i in reply.items]
+        if reply.items:  # a server from before SearchRequest.columns (mid-upgrade) answers in items
+            ids, scores = [i.item_id for i in reply.items], [i.score for i in reply.items]
+        else:
+            ids, scores = list(reply.item_ids), list(reply.scores)
         return Scored(ids, scores, reply.bundle_version, query_vector=reply.query_vector)
 
     async def healthy(self, timeout_s: float) -> bool:
@@ -210,7 +226,7 @@ class RankingClient:
             bundle_version=bundle_version,
             user_vector=user_vector,
         )
-        stub = ranking_pb2_grpc.RankingStub(self.endpoint.channel)
+        stub = self.endpoint.stub(ranking_pb2_grpc.RankingStub)
         reply: ranking_pb2.RankResponse = await stub.Rank(request, timeout=timeout_s, metadata=outgoing_metadata())
         return list(reply.scores)
 

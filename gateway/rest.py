@@ -284,7 +284,7 @@ def create_app(
         return CatalogItemOut.of(items_now().get(item_id))
 
     @app.post("/v1/recommendations", response_model=RecommendOut, responses=ERRORS)
-    async def post_recommendations(body: RecommendIn) -> RecommendOut:
+    async def post_recommendations(body: RecommendIn) -> Response:
         """Top-k items for the user as of now; within the budget, flagged partial/degraded when a stage failed."""
         request = RecommendRequest(
             user_id=body.user_id,
@@ -298,7 +298,7 @@ def create_app(
         # Admission happens here, on the event loop, so a refused request never waits at all.
         with recommender.admission.slot():
             rec = await recommender.recommend_async(request)
-        return RecommendOut(
+        answer = RecommendOut(
             items=[
                 ItemOut(
                     item_id=i.item_id,
@@ -315,5 +315,8 @@ def create_app(
             degraded=rec.degraded or None,
             timings_ms=rec.timings_ms or None,
         )
+        # Serialized once, by pydantic-core: returned as a model, FastAPI would validate it a second time against
+        # response_model (which still documents the schema) and encode it through jsonable_encoder.
+        return Response(answer.model_dump_json(), media_type="application/json")
 
     return app

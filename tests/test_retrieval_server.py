@@ -118,6 +118,21 @@ def test_answers_name_version_shard_and_method(server: RetrievalProcess, bundles
     assert reply.shard == "0/1" and reply.method == "ann" and len(reply.items) == 3
 
 
+def test_columns_answer_the_same_items_as_columns(server: RetrievalProcess) -> None:
+    query = np.linspace(1.0, -1.0, DIM).tolist()
+    plain = server.stub.Search(by_vector(query, k=20), timeout=5)
+    columns = server.stub.Search(by_vector(query, k=20, columns=True), timeout=5)
+    assert len(plain.items) == 20 and not plain.item_ids and not plain.scores
+    assert not columns.items and list(columns.item_ids) == [i.item_id for i in plain.items]
+    assert list(columns.scores) == [i.score for i in plain.items]
+    assert list(columns.query_vector) == list(plain.query_vector)
+    batch = server.stub.BatchSearch(
+        retrieval_pb2.BatchSearchRequest(requests=[by_vector(query, k=20), by_vector(query, k=20, columns=True)]),
+        timeout=5,
+    )
+    assert list(batch.responses) == [plain, columns]
+
+
 @pytest.mark.parametrize(
     ("call", "request_", "field"),
     [

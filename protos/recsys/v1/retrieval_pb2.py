@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.recsys.v1 import common_pb2 as protos_dot_recsys_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/recsys/v1/retrieval.proto\x12\trecsys.v1\x1a\x1dprotos/recsys/v1/common.proto\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xbe\x01\n\rSearchRequest\x12)\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x16.recsys.v1.UserContextH\x00\x12#\n\x06vector\x18\x02 \x01(\x0b\x32\x11.recsys.v1.VectorH\x00\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\t\x12\x17\n\x0f\x65xclude_context\x18\x05 \x01(\x08\x12\x16\n\x0e\x62undle_version\x18\x06 \x01(\tB\x07\n\x05query\"\x83\x01\n\x0eSearchResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.recsys.v1.ScoredItem\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\x12\r\n\x05shard\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x14\n\x0cquery_vector\x18\x05 \x03(\x02\"@\n\x12\x42\x61tchSearchRequest\x12*\n\x08requests\x18\x01 \x03(\x0b\x32\x18.recsys.v1.SearchRequest\"C\n\x13\x42\x61tchSearchResponse\x12,\n\tresponses\x18\x01 \x03(\x0b\x32\x19.recsys.v1.SearchResponse\"U\n\x15SetUnavailableRequest\x12\x14\n\x0c\x61\x64\x64_item_ids\x18\x01 \x03(\t\x12\x17\n\x0fremove_item_ids\x18\x02 \x03(\t\x12\r\n\x05\x63lear\x18\x03 \x01(\x08\"k\n\x16SetUnavailableResponse\x12\x1b\n\x13runtime_unavailable\x18\x01 \x01(\x05\x12\x1c\n\x14unavailable_in_shard\x18\x02 \x01(\x05\x12\x16\n\x0e\x62undle_version\x18\x03 \x01(\t2\xef\x01\n\tRetrieval\x12=\n\x06Search\x12\x18.recsys.v1.SearchRequest\x1a\x19.recsys.v1.SearchResponse\x12L\n\x0b\x42\x61tchSearch\x12\x1d.recsys.v1.BatchSearchRequest\x1a\x1e.recsys.v1.BatchSearchResponse\x12U\n\x0eSetUnavailable\x12 .recsys.v1.SetUnavailableRequest\x1a!.recsys.v1.SetUnavailableResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/recsys/v1/retrieval.proto\x12\trecsys.v1\x1a\x1dprotos/recsys/v1/common.proto\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xcf\x01\n\rSearchRequest\x12)\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x16.recsys.v1.UserContextH\x00\x12#\n\x06vector\x18\x02 \x01(\x0b\x32\x11.recsys.v1.VectorH\x00\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\t\x12\x17\n\x0f\x65xclude_context\x18\x05 \x01(\x08\x12\x16\n\x0e\x62undle_version\x18\x06 \x01(\t\x12\x0f\n\x07\x63olumns\x18\x07 \x01(\x08\x42\x07\n\x05query\"\xa5\x01\n\x0eSearchResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.recsys.v1.ScoredItem\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\x12\r\n\x05shard\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x14\n\x0cquery_vector\x18\x05 \x03(\x02\x12\x10\n\x08item_ids\x18\x06 \x03(\t\x12\x0e\n\x06scores\x18\x07 \x03(\x02\"@\n\x12\x42\x61tchSearchRequest\x12*\n\x08requests\x18\x01 \x03(\x0b\x32\x18.recsys.v1.SearchRequest\"C\n\x13\x42\x61tchSearchResponse\x12,\n\tresponses\x18\x01 \x03(\x0b\x32\x19.recsys.v1.SearchResponse\"U\n\x15SetUnavailableRequest\x12\x14\n\x0c\x61\x64\x64_item_ids\x18\x01 \x03(\t\x12\x17\n\x0fremove_item_ids\x18\x02 \x03(\t\x12\r\n\x05\x63lear\x18\x03 \x01(\x08\"k\n\x16SetUnavailableResponse\x12\x1b\n\x13runtime_unavailable\x18\x01 \x01(\x05\x12\x1c\n\x14unavailable_in_shard\x18\x02 \x01(\x05\x12\x16\n\x0e\x62undle_version\x18\x03 \x01(\t2\xef\x01\n\tRetrieval\x12=\n\x06Search\x12\x18.recsys.v1.SearchRequest\x1a\x19.recsys.v1.SearchResponse\x12L\n\x0b\x42\x61tchSearch\x12\x1d.recsys.v1.BatchSearchRequest\x1a\x1e.recsys.v1.BatchSearchResponse\x12U\n\x0eSetUnavailable\x12 .recsys.v1.SetUnavailableRequest\x1a!.recsys.v1.SetUnavailableResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,17 +35,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VECTOR']._serialized_start=78
   _globals['_VECTOR']._serialized_end=102
   _globals['_SEARCHREQUEST']._serialized_start=105
-  _globals['_SEARCHREQUEST']._serialized_end=295
-  _globals['_SEARCHRESPONSE']._serialized_start=298
-  _globals['_SEARCHRESPONSE']._serialized_end=429
-  _globals['_BATCHSEARCHREQUEST']._serialized_start=431
-  _globals['_BATCHSEARCHREQUEST']._serialized_end=495
-  _globals['_BATCHSEARCHRESPONSE']._serialized_start=497
-  _globals['_BATCHSEARCHRESPONSE']._serialized_end=564
-  _globals['_SETUNAVAILABLEREQUEST']._serialized_start=566
-  _globals['_SETUNAVAILABLEREQUEST']._serialized_end=651
-  _globals['_SETUNAVAILABLERESPONSE']._serialized_start=653
-  _globals['_SETUNAVAILABLERESPONSE']._serialized_end=760
-  _globals['_RETRIEVAL']._serialized_start=763
-  _globals['_RETRIEVAL']._serialized_end=1002
+  _globals['_SEARCHREQUEST']._serialized_end=312
+  _globals['_SEARCHRESPONSE']._serialized_start=315
+  _globals['_SEARCHRESPONSE']._serialized_end=480
+  _globals['_BATCHSEARCHREQUEST']._serialized_start=482
+  _globals['_BATCHSEARCHREQUEST']._serialized_end=546
+  _globals['_BATCHSEARCHRESPONSE']._serialized_start=548
+  _globals['_BATCHSEARCHRESPONSE']._serialized_end=615
+  _globals['_SETUNAVAILABLEREQUEST']._serialized_start=617
+  _globals['_SETUNAVAILABLEREQUEST']._serialized_end=702
+  _globals['_SETUNAVAILABLERESPONSE']._serialized_start=704
+  _globals['_SETUNAVAILABLERESPONSE']._serialized_end=811
+  _globals['_RETRIEVAL']._serialized_start=814
+  _globals['_RETRIEVAL']._serialized_end=1053
 # @@protoc_insertion_point(module_scope)

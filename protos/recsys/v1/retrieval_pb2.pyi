@@ -14,34 +14,40 @@ class Vector(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("context", "vector", "k", "exclude_item_ids", "exclude_context", "bundle_version")
+    __slots__ = ("context", "vector", "k", "exclude_item_ids", "exclude_context", "bundle_version", "columns")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
     context: _common_pb2.UserContext
     vector: Vector
     k: int
     exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
     exclude_context: bool
     bundle_version: str
-    def __init__(self, context: _Optional[_Union[_common_pb2.UserContext, _Mapping]] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., k: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., exclude_context: _Optional[bool] = ..., bundle_version: _Optional[str] = ...) -> None: ...
+    columns: bool
+    def __init__(self, context: _Optional[_Union[_common_pb2.UserContext, _Mapping]] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., k: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., exclude_context: _Optional[bool] = ..., bundle_version: _Optional[str] = ..., columns: _Optional[bool] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("items", "bundle_version", "shard", "method", "query_vector")
+    __slots__ = ("items", "bundle_version", "shard", "method", "query_vector", "item_ids", "scores")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     QUERY_VECTOR_FIELD_NUMBER: _ClassVar[int]
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[_common_pb2.ScoredItem]
     bundle_version: str
     shard: str
     method: str
     query_vector: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, items: _Optional[_Iterable[_Union[_common_pb2.ScoredItem, _Mapping]]] = ..., bundle_version: _Optional[str] = ..., shard: _Optional[str] = ..., method: _Optional[str] = ..., query_vector: _Optional[_Iterable[float]] = ...) -> None: ...
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, items: _Optional[_Iterable[_Union[_common_pb2.ScoredItem, _Mapping]]] = ..., bundle_version: _Optional[str] = ..., shard: _Optional[str] = ..., method: _Optional[str] = ..., query_vector: _Optional[_Iterable[float]] = ..., item_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class BatchSearchRequest(_message.Message):
     __slots__ = ("requests",)
