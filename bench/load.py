@@ -20,9 +20,11 @@ import asyncio
 import json
 import os
 import random
+import re
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +130,37 @@ async def grpc_sender(address: str) -> Any:
     return send
 
 
+class Probe:
+    """Between steps: CPU seconds of each service process (/proc) and the gateway's batch-size histogram."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+
+    def read(self) -> dict[str, float]:
+        tick = os.sysconf("SC_CLK_TCK")
+        out = {}
+        for name, proc in self.stack.procs.items():
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[f"cpu_{name}"] = (int(fields[11]) + int(fields[12])) / tick
+        with urllib.request.urlopen(f"{self.stack.http_url}/metrics", timeout=10) as reply:
+            for line in reply.read().decode().splitlines():
+                match = re.match(r'recsys_gateway_batch_size_(sum|count)\{call="(\w+)"\} (\S+)', line)
+                if match:
+                    out[f"batch_{match[2]}_{match[1]}"] = float(match[3])
+        return out
+
+    @staticmethod
+    def per_step(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, Any]:
+        """CPU ms per request of each process, and the mean requests per call to each service."""
+        cpu = {k[4:]: round((after[k] - before[k]) / requests * 1000, 2) for k in after if k.startswith("cpu_")}
+        batch = {}
+        for call in ("search", "rank"):
+            calls = after.get(f"batch_{call}_count", 0) - before.get(f"batch_{call}_count", 0)
+            if calls:
+                batch[call] = round((after[f"batch_{call}_sum"] - before[f"batch_{call}_sum"]) / calls, 2)
+        return {"cpu_ms_per_request": cpu, "mean_batch": batch}
+
+
 def saturation(steps: list[dict[str, Any]], slo_ms: float) -> float:
     good = [s["offered_rps"] for s in steps if s["achieved_rps"] >= 0.95 * s["offered_rps"] and s["p99_ms"] <= slo_ms
             and s["error_rate"] == 0]  # fmt: skip
@@ -157,13 +190,19 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "rest": await rest_sender("127.0.0.1", port, args.connections),
             "grpc": await grpc_sender(stack.grpc_addr),
         }
+        probe = Probe(stack)
         for kind in args.kinds.split(","):
             for rate in rates:
+                before = probe.read()
                 step = await run_step(senders[kind], rate, args.seconds, body)
+                step.update(probe.per_step(before, probe.read(), step["requests"]))
+                cpu = " ".join(f"{k} {v:.2f}" for k, v in step["cpu_ms_per_request"].items())
+                batch = " ".join(f"{k} {v:.2f}" for k, v in step["mean_batch"].items())
                 print(
                     f"{kind:<5} offered {rate:>6.0f}/s achieved {step['achieved_rps']:>7.1f}/s"
                     f"  p50 {step['p50_ms']:>7.2f} ms  p99 {step['p99_ms']:>8.2f} ms"
-                    f"  errors {step['error_rate']:.2%}  flagged {step['partial_or_degraded']}",
+                    f"  errors {step['error_rate']:.2%}  flagged {step['partial_or_degraded']}"
+                    f"  | CPU ms/request {cpu} | requests per call {batch}",
                     flush=True,
                 )
                 results[kind].append(step)

@@ -18,11 +18,14 @@ from typing import Any, TypeVar, cast
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.batching import Coalescer
 from gateway.hedging import Hedger
 from protos.recsys.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 from recsys_common.logs import outgoing_metadata
 
 S = TypeVar("S")
+Q = TypeVar("Q")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -88,14 +91,24 @@ RETRIEVAL_CHANNEL_OPTIONS = [("grpc.max_send_message_length", 4 << 20), ("grpc.m
 
 
 class RetrievalClient:
-    """One retrieval server (or shard); searches are hedged after their observed p95 latency."""
+    """One retrieval server (or shard); searches are hedged after their observed p95 latency, and those made in
+    one loop turn share a BatchSearch call (at most max_batch; 1: every search its own call)."""
 
     def __init__(
-        self, address: str, hedger: Hedger | None = None, credentials: grpc.ChannelCredentials | None = None
+        self,
+        address: str,
+        hedger: Hedger | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        max_batch: int = 1,
+        max_in_flight: int = 0,
     ) -> None:
         self.address = address
         self.endpoint = _Endpoint(address, credentials, RETRIEVAL_CHANNEL_OPTIONS)
         self.hedger = hedger or Hedger()
+        # BatchSearch takes one pinned version per batch.
+        self.calls = Coalescer(
+            "search", self._search, self._batch_search, max_batch, key=_pinned_version, max_in_flight=max_in_flight
+        )
 
     async def search(
         self, recent_item_ids: Sequence[str], k: int, exclude: Sequence[str], bundle_version: str, timeout_s: float
@@ -108,20 +121,44 @@ class RetrievalClient:
             bundle_version=bundle_version,
             columns=True,
         )
-        metadata = outgoing_metadata()
-        stub = self.endpoint.stub(retrieval_pb2_grpc.RetrievalStub)
-        reply = await self.hedger.call(lambda t: stub.Search(request, timeout=t, metadata=metadata), timeout_s)
+        reply = await _call(self.calls, request, timeout_s)
         if reply.items:  # a server from before SearchRequest.columns (mid-upgrade) answers in items
             ids, scores = [i.item_id for i in reply.items], [i.score for i in reply.items]
         else:
             ids, scores = list(reply.item_ids), list(reply.scores)
         return Scored(ids, scores, reply.bundle_version, query_vector=reply.query_vector)
 
+    async def _search(self, request: retrieval_pb2.SearchRequest, timeout_s: float) -> retrieval_pb2.SearchResponse:
+        metadata = outgoing_metadata()
+        stub = self.endpoint.stub(retrieval_pb2_grpc.RetrievalStub)
+        return await self.hedger.call(lambda t: stub.Search(request, timeout=t, metadata=metadata), timeout_s)
+
+    async def _batch_search(
+        self, requests: Sequence[retrieval_pb2.SearchRequest], timeout_s: float
+    ) -> Sequence[retrieval_pb2.SearchResponse]:
+        metadata = outgoing_metadata()  # the first request's id: the batch's log lines carry that one
+        stub = self.endpoint.stub(retrieval_pb2_grpc.RetrievalStub)
+        batch = retrieval_pb2.BatchSearchRequest(requests=requests)
+        reply = await self.hedger.call(lambda t: stub.BatchSearch(batch, timeout=t, metadata=metadata), timeout_s)
+        return reply.responses
+
     async def healthy(self, timeout_s: float) -> bool:
         return await self.endpoint.healthy(timeout_s)
 
     async def close(self) -> None:
         await self.endpoint.close()
+
+
+async def _call(calls: Coalescer[Q, R], request: Q, timeout_s: float) -> R:
+    """The request's answer through the coalescer; its own deadline passing is DEADLINE_EXCEEDED, as for a call."""
+    try:
+        return await calls.call(request, timeout_s)
+    except TimeoutError:  # the batch it shares lives longer than this request's budget
+        raise grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, details="Deadline Exceeded") from None
+
+
+def _pinned_version(request: retrieval_pb2.SearchRequest | ranking_pb2.RankRequest) -> str:
+    return request.bundle_version
 
 
 class ShardMismatch(RuntimeError):
@@ -137,10 +174,16 @@ class ShardedRetrievalClient:
     answer covers the others (the gateway flags it partial); only when every shard fails does it raise.
     """
 
-    def __init__(self, addresses: Sequence[str], credentials: grpc.ChannelCredentials | None = None) -> None:
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        credentials: grpc.ChannelCredentials | None = None,
+        max_batch: int = 1,
+        max_in_flight: int = 0,
+    ) -> None:
         if not addresses:
             raise ValueError("ShardedRetrievalClient needs at least one address")
-        self.shards = [RetrievalClient(a, credentials=credentials) for a in addresses]
+        self.shards = [RetrievalClient(a, None, credentials, max_batch, max_in_flight) for a in addresses]
         self.address = ",".join(addresses)
 
     async def search(
@@ -189,20 +232,34 @@ class ShardedRetrievalClient:
 
 
 def retrieval_client(
-    addresses: str | Sequence[str], credentials: grpc.ChannelCredentials | None = None
+    addresses: str | Sequence[str],
+    credentials: grpc.ChannelCredentials | None = None,
+    max_batch: int = 1,
+    max_in_flight: int = 0,
 ) -> RetrievalClient | ShardedRetrievalClient:
     """One client for "host:port", a sharded one for "host:port,host:port,..." (shard i at position i)."""
     if isinstance(addresses, str):
         addresses = [a.strip() for a in addresses.split(",") if a.strip()]
     if len(addresses) == 1:
-        return RetrievalClient(addresses[0], credentials=credentials)
-    return ShardedRetrievalClient(addresses, credentials)
+        return RetrievalClient(addresses[0], None, credentials, max_batch, max_in_flight)
+    return ShardedRetrievalClient(addresses, credentials, max_batch, max_in_flight)
 
 
 class RankingClient:
-    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
+    """The ranking server; rankings asked in one loop turn share a BatchRank call (at most max_batch)."""
+
+    def __init__(
+        self,
+        address: str,
+        credentials: grpc.ChannelCredentials | None = None,
+        max_batch: int = 1,
+        max_in_flight: int = 0,
+    ) -> None:
         self.address = address
         self.endpoint = _Endpoint(address, credentials)
+        self.calls = Coalescer(
+            "rank", self._rank, self._batch_rank, max_batch, key=_pinned_version, max_in_flight=max_in_flight
+        )
 
     async def rank(
         self,
@@ -226,9 +283,21 @@ class RankingClient:
             bundle_version=bundle_version,
             user_vector=user_vector,
         )
+        reply = await _call(self.calls, request, timeout_s)
+        return list(reply.scores)
+
+    async def _rank(self, request: ranking_pb2.RankRequest, timeout_s: float) -> ranking_pb2.RankResponse:
         stub = self.endpoint.stub(ranking_pb2_grpc.RankingStub)
         reply: ranking_pb2.RankResponse = await stub.Rank(request, timeout=timeout_s, metadata=outgoing_metadata())
-        return list(reply.scores)
+        return reply
+
+    async def _batch_rank(
+        self, requests: Sequence[ranking_pb2.RankRequest], timeout_s: float
+    ) -> Sequence[ranking_pb2.RankResponse]:
+        stub = self.endpoint.stub(ranking_pb2_grpc.RankingStub)
+        batch = ranking_pb2.BatchRankRequest(requests=requests)
+        reply = await stub.BatchRank(batch, timeout=timeout_s, metadata=outgoing_metadata())
+        return reply.responses
 
     async def healthy(self, timeout_s: float) -> bool:
         return await self.endpoint.healthy(timeout_s)

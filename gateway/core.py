@@ -76,7 +76,7 @@ MAX_TIMEOUT_MS = 60_000
 # Requests the gateway makes to itself before serving (they show in its metrics like any other).
 WARM_UP_ROUNDS = 2
 # Event-loop turns a request yields so its remote calls are sent before the local sources run.
-SEND_TURNS = 4
+SEND_TURNS = 6
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,12 @@ RATE_LIMITED = Counter(
 STORE_LATENCY = Histogram(
     "recsys_gateway_store_seconds", "User-state store calls, by operation", ["op"], buckets=LATENCY_BUCKETS
 )
+BATCH_SIZE = Histogram(
+    "recsys_gateway_batch_size",
+    "Requests per call to a service (gateway/batching.py): 1 is a plain call, more a batched one",
+    ["call"],
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
+)
 EVENTS = Counter("recsys_gateway_events", "Events received, by outcome (accepted, duplicate)", ["outcome"])
 ANSWER_CACHE_LOOKUPS = Counter(
     "recsys_gateway_answer_cache_lookups", "Answer cache lookups, by result (hit, miss)", ["result"]

@@ -79,8 +79,8 @@ def build_recommender(config: GatewayConfig) -> Recommender:
         bundles,
         store,
         Pseudonymizer(key),
-        retrieval_client(config.retrieval_addrs, credentials),
-        RankingClient(config.ranking_addr, credentials),
+        retrieval_client(config.retrieval_addrs, credentials, config.max_batch, config.max_calls_in_flight),
+        RankingClient(config.ranking_addr, credentials, config.max_batch, config.max_calls_in_flight),
     )
 
 

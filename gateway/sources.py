@@ -21,7 +21,7 @@ import numpy.typing as npt
 from gateway.clients import RetrievalClient, ShardedRetrievalClient
 from gateway.store import UserStore
 from recsys_common.catalog import Catalog
-from recsys_common.features import ItemTables, covisit_candidates, popular_candidates
+from recsys_common.features import ItemTables, covisit_candidates, not_in, popular_candidates
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ class ColdStartSource:
         if not genres:
             return SourceResult(self.name, [], [])
         pool = np.unique(np.concatenate([self.by_genre[g][: self.n] for g in genres if g in self.by_genre]))
-        pool = pool[~np.isin(pool, query.excluded_idx)]
+        pool = pool[not_in(pool, query.excluded_idx)]
         order = np.argsort(-self.popularity[pool], kind="stable")[: self.n]
         return _from_indices(self.name, self.catalog, pool[order], self.popularity[pool[order]])
 

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
+from protos.recsys.v1 import ranking_pb2_grpc
+from ranking_svc.core import Ranker
+from ranking_svc.servicer import RankingServicer
+from recsys_common.grpc_server import create_server
+from recsys_common.snapshot import SnapshotHolder
 from tests.bundle_factory import make_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,6 +25,20 @@ def tiny_bundles(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny-bundles")
     make_bundle(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def ranking_stub(tiny_bundles: Path) -> Iterator[ranking_pb2_grpc.RankingStub]:
+    """The ranking servicer over the tiny bundle (at most 50 candidates), served on a loopback port."""
+    holder = SnapshotHolder(tiny_bundles, lambda b: Ranker(b, max_candidates=50), poll_interval_s=0, name="ranking")
+    holder.load_current(raise_errors=True)
+    servicer = RankingServicer(holder)
+    register = [lambda s: ranking_pb2_grpc.add_RankingServicer_to_server(servicer, s)]
+    server, port, _ = create_server(register, "127.0.0.1:0")
+    server.start()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield ranking_pb2_grpc.RankingStub(channel)
+    server.stop(0)
 
 
 def ml100k_dir() -> Path:

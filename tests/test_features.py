@@ -20,6 +20,7 @@ from recsys_common.features import (
     covisit_scores,
     ease_scores,
     merge_sources,
+    not_in,
     pad_history,
     popular_candidates,
     ranker_feed,
@@ -245,3 +246,11 @@ def test_features_module_imports_no_heavy_packages() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_not_in_is_the_complement_of_isin() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        items = rng.integers(0, 60, size=int(rng.integers(0, 40)))
+        exclude = rng.integers(0, 60, size=int(rng.integers(0, 40)))  # duplicates, unsorted, sometimes empty
+        assert np.array_equal(not_in(items, exclude), ~np.isin(items, exclude))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -11,11 +10,8 @@ import pytest
 
 from protos.recsys.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc, retrieval_pb2
 from ranking_svc.core import Candidates, Ranker
-from ranking_svc.servicer import RankingServicer
 from recsys_common.bundle import open_bundle
 from recsys_common.errors import InvalidRequest
-from recsys_common.grpc_server import create_server
-from recsys_common.snapshot import SnapshotHolder
 from retrieval_svc.core import Query, Retriever
 from retrieval_svc.servicer import to_proto
 
@@ -59,19 +55,6 @@ def test_a_bad_vector_is_refused(ranker: Ranker) -> None:
         ranker.rank(HISTORY, CANDIDATES, np.zeros(dim + 1, np.float32))
     with pytest.raises(InvalidRequest, match="finite"):
         ranker.rank(HISTORY, CANDIDATES, np.full(dim, np.nan, np.float32))
-
-
-@pytest.fixture(scope="module")
-def ranking_stub(tiny_bundles: Path) -> Iterator[ranking_pb2_grpc.RankingStub]:
-    holder = SnapshotHolder(tiny_bundles, lambda b: Ranker(b, max_candidates=50), poll_interval_s=0, name="ranking")
-    holder.load_current(raise_errors=True)
-    servicer = RankingServicer(holder)
-    register = [lambda s: ranking_pb2_grpc.add_RankingServicer_to_server(servicer, s)]
-    server, port, _ = create_server(register, "127.0.0.1:0")
-    server.start()
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield ranking_pb2_grpc.RankingStub(channel)
-    server.stop(0)
 
 
 def test_the_service_takes_a_vector_only_with_a_pinned_version(

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.recsys.v1 import common_pb2 as protos_dot_recsys_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/recsys/v1/ranking.proto\x12\trecsys.v1\x1a\x1dprotos/recsys/v1/common.proto\"\xb2\x01\n\x0bRankRequest\x12\'\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x16.recsys.v1.UserContext\x12\x16\n\x0e\x62undle_version\x18\x03 \x01(\t\x12\x10\n\x08item_ids\x18\x04 \x03(\t\x12\x13\n\x0bsource_bits\x18\x05 \x03(\r\x12\x14\n\x0csource_names\x18\x06 \x03(\t\x12\x13\n\x0buser_vector\x18\x07 \x03(\x02J\x04\x08\x02\x10\x03R\ncandidates\"6\n\x0cRankResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t2B\n\x07Ranking\x12\x37\n\x04Rank\x12\x16.recsys.v1.RankRequest\x1a\x17.recsys.v1.RankResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/recsys/v1/ranking.proto\x12\trecsys.v1\x1a\x1dprotos/recsys/v1/common.proto\"\xb2\x01\n\x0bRankRequest\x12\'\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x16.recsys.v1.UserContext\x12\x16\n\x0e\x62undle_version\x18\x03 \x01(\t\x12\x10\n\x08item_ids\x18\x04 \x03(\t\x12\x13\n\x0bsource_bits\x18\x05 \x03(\r\x12\x14\n\x0csource_names\x18\x06 \x03(\t\x12\x13\n\x0buser_vector\x18\x07 \x03(\x02J\x04\x08\x02\x10\x03R\ncandidates\"6\n\x0cRankResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\"<\n\x10\x42\x61tchRankRequest\x12(\n\x08requests\x18\x01 \x03(\x0b\x32\x16.recsys.v1.RankRequest\"?\n\x11\x42\x61tchRankResponse\x12*\n\tresponses\x18\x01 \x03(\x0b\x32\x17.recsys.v1.RankResponse2\x8a\x01\n\x07Ranking\x12\x37\n\x04Rank\x12\x16.recsys.v1.RankRequest\x1a\x17.recsys.v1.RankResponse\x12\x46\n\tBatchRank\x12\x1b.recsys.v1.BatchRankRequest\x1a\x1c.recsys.v1.BatchRankResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,6 +36,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RANKREQUEST']._serialized_end=255
   _globals['_RANKRESPONSE']._serialized_start=257
   _globals['_RANKRESPONSE']._serialized_end=311
-  _globals['_RANKING']._serialized_start=313
-  _globals['_RANKING']._serialized_end=379
+  _globals['_BATCHRANKREQUEST']._serialized_start=313
+  _globals['_BATCHRANKREQUEST']._serialized_end=373
+  _globals['_BATCHRANKRESPONSE']._serialized_start=375
+  _globals['_BATCHRANKRESPONSE']._serialized_end=438
+  _globals['_RANKING']._serialized_start=441
+  _globals['_RANKING']._serialized_end=579
 # @@protoc_insertion_point(module_scope)

@@ -30,3 +30,15 @@ class RankResponse(_message.Message):
     scores: _containers.RepeatedScalarFieldContainer[float]
     bundle_version: str
     def __init__(self, scores: _Optional[_Iterable[float]] = ..., bundle_version: _Optional[str] = ...) -> None: ...
+
+class BatchRankRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[RankRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[RankRequest, _Mapping]]] = ...) -> None: ...
+
+class BatchRankResponse(_message.Message):
+    __slots__ = ("responses",)
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    responses: _containers.RepeatedCompositeFieldContainer[RankResponse]
+    def __init__(self, responses: _Optional[_Iterable[_Union[RankResponse, _Mapping]]] = ...) -> None: ...

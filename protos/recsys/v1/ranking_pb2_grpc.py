@@ -39,6 +39,11 @@ class RankingStub:
                 request_serializer=protos_dot_recsys_dot_v1_dot_ranking__pb2.RankRequest.SerializeToString,
                 response_deserializer=protos_dot_recsys_dot_v1_dot_ranking__pb2.RankResponse.FromString,
                 _registered_method=True)
+        self.BatchRank = channel.unary_unary(
+                '/recsys.v1.Ranking/BatchRank',
+                request_serializer=protos_dot_recsys_dot_v1_dot_ranking__pb2.BatchRankRequest.SerializeToString,
+                response_deserializer=protos_dot_recsys_dot_v1_dot_ranking__pb2.BatchRankResponse.FromString,
+                _registered_method=True)
 
 
 class RankingServicer:
@@ -50,6 +55,14 @@ class RankingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchRank(self, request, context):
+        """Independent rankings answered together (each answer at the index of its request): one call's
+        fixed cost shared by several users' requests. The gateway sends its concurrent requests this way.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RankingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -57,6 +70,11 @@ def add_RankingServicer_to_server(servicer, server):
                     servicer.Rank,
                     request_deserializer=protos_dot_recsys_dot_v1_dot_ranking__pb2.RankRequest.FromString,
                     response_serializer=protos_dot_recsys_dot_v1_dot_ranking__pb2.RankResponse.SerializeToString,
+            ),
+            'BatchRank': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchRank,
+                    request_deserializer=protos_dot_recsys_dot_v1_dot_ranking__pb2.BatchRankRequest.FromString,
+                    response_serializer=protos_dot_recsys_dot_v1_dot_ranking__pb2.BatchRankResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +104,33 @@ class Ranking:
             '/recsys.v1.Ranking/Rank',
             protos_dot_recsys_dot_v1_dot_ranking__pb2.RankRequest.SerializeToString,
             protos_dot_recsys_dot_v1_dot_ranking__pb2.RankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchRank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.Ranking/BatchRank',
+            protos_dot_recsys_dot_v1_dot_ranking__pb2.BatchRankRequest.SerializeToString,
+            protos_dot_recsys_dot_v1_dot_ranking__pb2.BatchRankResponse.FromString,
             options,
             channel_credentials,
             insecure,
