@@ -14,15 +14,15 @@ from typing import Any
 
 PROJECT_MODELS = ("most_pop", "two_tower", "two_tower+ranker")
 INT8 = "two_tower+ranker_int8"
+USERCF = "two_tower+ranker+usercf"  # the same ranker with the gateway's user-based CF candidates added
 BASELINE_ORDER = ("most_pop", "itemknn", "ease", "als")
 MODELS_PNG = "models.png"
 INDEX_PNG = "index_recall_latency.png"
 
 
 def _row(protocol: str, label: str, m: dict[str, Any], note: str = "") -> str:
-    return (
-        f"{protocol:<8} {label:<18} {m['hr']:>7.4f} {m['ndcg']:>8.4f} {m['coverage']:>9.3f} {m['cases']:>6}"
-        + (f"  {note}" if note else "")
+    return f"{protocol:<8} {label:<18} {m['hr']:>7.4f} {m['ndcg']:>8.4f} {m['coverage']:>9.3f} {m['cases']:>6}" + (
+        f"  {note}" if note else ""
     )
 
 
@@ -44,6 +44,10 @@ def evaluation_table(evaluation: dict[str, dict[str, Any]]) -> str:
     for protocol, report in evaluation.items():
         for model in PROJECT_MODELS:
             lines.append(_row(protocol, model, report[model]))
+        if USERCF in report:
+            with_, without = report[USERCF], report["two_tower+ranker"]
+            delta = f"(HR {with_['hr'] - without['hr']:+.4f}, NDCG {with_['ndcg'] - without['ndcg']:+.4f})"
+            lines.append(_row(protocol, "  +usercf", with_, delta))
         if INT8 in report:
             drop = f"(NDCG drop {report['ranker_int8_ndcg_drop']:+.4f})"
             lines.append(_row(protocol, "  ranker int8", report[INT8], drop))
@@ -55,9 +59,49 @@ def evaluation_table(evaluation: dict[str, dict[str, Any]]) -> str:
                 fit_s = seconds.get(name, {}).get("fit", m.get("fit_seconds"))
                 lines.append(_row(protocol, name, m, f"fit {fit_s:.2f} s" if fit_s is not None else ""))
             described[name] = _settings(m["settings"])
-        lines.append(f"{protocol:<8} {'(candidate recall)':<18} {report['candidate_recall']:>7.4f}")
+        recall = f"{protocol:<8} {'(candidate recall)':<18} {report['candidate_recall']:>7.4f}"
+        if "candidate_recall_usercf" in report:
+            recall += f"  with usercf {report['candidate_recall_usercf']:.4f}"
+        lines.append(recall)
     lines += [f"  {name}: {text}" for name, text in described.items()]
     return "\n".join(lines)
+
+
+def usercf_verdict(evaluation: dict[str, dict[str, Any]]) -> bool | None:
+    """Whether user-based CF candidates raise both HR@k and NDCG@k of two_tower+ranker under every protocol
+    (None when no protocol simulated them): the rule for switching the gateway's source on by default."""
+    with_usercf = [r for r in evaluation.values() if USERCF in r]
+    if not with_usercf:
+        return None
+    return len(with_usercf) == len(evaluation) and all(
+        r[USERCF][m] > r["two_tower+ranker"][m] for r in with_usercf for m in ("hr", "ndcg")
+    )
+
+
+def _usercf(evaluation: dict[str, dict[str, Any]]) -> list[str]:
+    """What the simulated user-based CF source did under each protocol, and the verdict."""
+    verdict = usercf_verdict(evaluation)
+    if verdict is None:
+        return []
+    plan = next(r["usercf"]["plan"] for r in evaluation.values() if "usercf" in r)
+    lines = [
+        "user-based CF (gateway/usercf.py replayed offline: "
+        + ", ".join(f"{k} {v}" for k, v in plan.items())
+        + "; its candidates carry no source bit the ranker knows)"
+    ]
+    for protocol, report in evaluation.items():
+        u = report.get("usercf")
+        if u:
+            lines.append(
+                f"  {protocol}: proposals for {u['cases_with_proposals']:.1%} of cases ({u['proposals_per_case']:.1f} "
+                f"each), target among them {u['target_proposed']:.1%}, only there {u['target_only_from_usercf']:.1%}; "
+                f"{report.get('fit', {}).get('usercf_seconds', 0):.1f} s"
+            )
+    lines.append(
+        "  verdict: "
+        + ("helps on every protocol (HR and NDCG): keep it on" if verdict else "does not help on every protocol: off")
+    )
+    return lines
 
 
 def _gates(manifest: dict[str, Any]) -> list[str]:
@@ -125,7 +169,7 @@ def report_text(manifest: dict[str, Any]) -> str:
     parts = [head]
     evaluation = manifest.get("evaluation", {})
     parts.append(evaluation_table(evaluation) if evaluation else "no evaluation (config eval_protocols is empty)")
-    for section in (_gates(manifest), _index_candidates(manifest), _training(manifest)):
+    for section in (_usercf(evaluation), _gates(manifest), _index_candidates(manifest), _training(manifest)):
         if section:
             parts.append("\n".join(section))
     return "\n\n".join(parts)
@@ -136,7 +180,7 @@ def _models_plot(evaluation: dict[str, dict[str, Any]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(evaluation), figsize=(6.5 * len(evaluation), 4.5), squeeze=False)
     for ax, (protocol, report) in zip(axes[0], evaluation.items(), strict=True):
-        rows = [(m, report[m]) for m in (*PROJECT_MODELS, INT8) if m in report]
+        rows = [(m, report[m]) for m in (*PROJECT_MODELS, USERCF, INT8) if m in report]
         rows += [(n, m) for n, m in _baselines(report) if "hr" in m]
         xs = range(len(rows))
         width = 0.4

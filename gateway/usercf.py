@@ -17,6 +17,9 @@ user's *own* vector is always current, because it is rebuilt from the shared sto
 request. An erased user leaves the index of the replica that handled the erasure at once, and the
 others' within max_idle_s.
 
+The arithmetic (user vectors, nearest users, proposals) is recsys_common/usercf.py: the exporter's evaluation
+replays each protocol's events through the same functions to report what this source adds.
+
 Vectors are tied to one bundle version (item indices and embeddings change with it): a row is used
 only for requests of the version it was computed with, and is recomputed when its user is next seen.
 """
@@ -35,8 +38,9 @@ import numpy.typing as npt
 from gateway.sources import SourceQuery, SourceResult
 from recsys_common.catalog import Catalog
 from recsys_common.features import ItemTables
+from recsys_common.usercf import RECENCY_DECAY, nearest, propose, recency_weights, recent_items, unit_rows, user_vector
 
-RECENCY_DECAY = 0.9  # weight of an item relative to the next newer one
+__all__ = ["RECENCY_DECAY", "ActiveUsers", "ItemSpace", "UserCFSource", "recency_weights", "user_vector"]
 
 
 class ItemSpace(Protocol):
@@ -48,20 +52,6 @@ class ItemSpace(Protocol):
     def catalog(self) -> Catalog: ...
     @property
     def tables(self) -> ItemTables: ...
-
-
-def recency_weights(n: int) -> npt.NDArray[np.float32]:
-    """(n,) weights for items oldest first: the newest weighs 1, each older one RECENCY_DECAY times less."""
-    return (RECENCY_DECAY ** np.arange(n - 1, -1, -1)).astype(np.float32)
-
-
-def user_vector(unit_emb: npt.NDArray[np.float32], items: npt.NDArray[np.int64]) -> npt.NDArray[np.float32] | None:
-    """Unit vector (D,) of the recency-weighted mean of the items' unit embeddings (items oldest first)."""
-    if items.size == 0:
-        return None
-    v = recency_weights(items.size) @ unit_emb[items]
-    norm = float(np.linalg.norm(v))
-    return (v / norm).astype(np.float32) if norm > 0 else None
 
 
 class ActiveUsers:
@@ -99,9 +89,7 @@ class ActiveUsers:
     def _unit_emb(self, space: ItemSpace) -> npt.NDArray[np.float32]:
         unit = self._unit.get(space.version)
         if unit is None:
-            emb = space.tables.item_emb
-            norms = np.linalg.norm(emb, axis=1, keepdims=True)
-            unit = (emb / np.maximum(norms, 1e-12)).astype(np.float32)
+            unit = unit_rows(space.tables.item_emb)
             self._unit[space.version] = unit
             while len(self._unit) > 2:
                 self._unit.popitem(last=False)
@@ -124,7 +112,7 @@ class ActiveUsers:
 
     def observe(self, user_key: str, item_ids: Sequence[str], space: ItemSpace) -> None:
         """Set the user's recent items (oldest first; only the newest items_per_user are kept)."""
-        items = space.catalog.known(list(dict.fromkeys(reversed(item_ids))))[::-1][-self.items_per_user :]
+        items = recent_items(space.catalog.known(item_ids), self.items_per_user)
         with self._lock:
             unit = self._unit_emb(space)
             vec = user_vector(unit, items)
@@ -176,9 +164,7 @@ class ActiveUsers:
             if rows.size == 0:
                 return []
             sims = self._vectors[rows] @ vec
-            top = np.argpartition(-sims, min(n, rows.size) - 1)[:n] if rows.size > n else np.arange(rows.size)
-            top = top[np.argsort(-sims[top], kind="stable")]
-            return [(float(sims[t]), self._items[rows[t]]) for t in top if sims[t] > 0]
+            return [(float(sims[t]), self._items[rows[t]]) for t in nearest(sims, n)]
 
 
 class UserCFSource:
@@ -192,14 +178,5 @@ class UserCFSource:
     async def fetch(self, query: SourceQuery, timeout_s: float) -> SourceResult:
         space = self.space_of(query.bundle_version)
         found = self.users.neighbours(query.user_key, query.history_idx, space, self.n_neighbours)
-        if not found:
-            return SourceResult(self.name, [], [])
-        items = np.concatenate([its for _, its in found])
-        weights = np.concatenate([sim * recency_weights(its.size) for sim, its in found])
-        scores = np.bincount(items, weights=weights, minlength=space.tables.n_items + 1).astype(np.float32)
-        scores[query.excluded_idx] = 0
-        scores[0] = 0
-        candidates = np.flatnonzero(scores > 0)
-        order = np.argsort(-scores[candidates], kind="stable")[: self.n]
-        chosen = candidates[order]
-        return SourceResult(self.name, [space.catalog.id_of(int(i)) for i in chosen], scores[chosen].tolist())
+        chosen, scores = propose(found, space.tables.n_items, query.excluded_idx, self.n)
+        return SourceResult(self.name, [space.catalog.id_of(int(i)) for i in chosen], scores.tolist())
