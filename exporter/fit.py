@@ -33,6 +33,7 @@ the end of training, so "popular" never means "will become popular".
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,14 +177,18 @@ def fit_models(
     config: ExportConfig,
     progress: bool = True,
     label: str = "",
+    on_epoch: Callable[[int, TwoTower], None] | None = None,
 ) -> Fitted:
-    """Fit retriever, tables and ranker on one training part (see the module docstring for the scheme)."""
+    """Fit retriever, tables and ranker on one training part (see the module docstring for the scheme).
+
+    on_epoch: train_two_tower's per-epoch hook, for the first retriever fit only (not the refit).
+    """
     watch = Stopwatch()
     plan = CandidatePlan.from_config(config)
     held = holdout_mask(seqs, config.ranker_holdout_events, config.ranker_holdout_max_frac)
     # "in_sample" exists only to measure the skew the holdout avoids: retriever and tables see the ranker's events.
     prefix = seqs if config.ranker_scheme == "in_sample" else seqs.select(~held)
-    retriever = train_two_tower(prefix, n_items, genres, config, progress, label=f"{label}two-tower")
+    retriever = train_two_tower(prefix, n_items, genres, config, progress, label=f"{label}two-tower", on_epoch=on_epoch)
     watch.lap("two_tower")
     emb = item_table(retriever)
     prefix_tables, prefix_names = build_item_tables(prefix, n_items, genres, emb, config)

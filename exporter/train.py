@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,8 +50,14 @@ def train_two_tower(
     config: ExportConfig,
     progress: bool = True,
     label: str = "two-tower",
+    on_epoch: Callable[[int, TwoTower], None] | None = None,
 ) -> TwoTower:
-    """Fit the retriever on all positions of every training window; returns the model in eval mode."""
+    """Fit the retriever on all positions of every training window; returns the model in eval mode.
+
+    on_epoch(epoch, model) runs after each epoch (1-based), the model in eval mode; it may raise to stop the fit
+    (`recsys tune` prunes trials with it). It must not draw from torch's global generator (dropout masks come
+    from it), so that a fit with the hook trains exactly the model a fit without it does.
+    """
     seed_everything(config.seed, config.torch_threads)
     genre_t = torch.from_numpy(genres) if (config.tt_use_genres and genres is not None and genres.size) else None
     model = TwoTower(
@@ -65,7 +72,7 @@ def train_two_tower(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.tt_lr, total_steps=steps, pct_start=0.1)
     model.train()
     bar = tqdm(range(config.tt_epochs), desc=label, disable=not progress, leave=False)
-    for _ in bar:
+    for epoch in bar:
         perm = torch.randperm(n, generator=gen)
         total, count = 0.0, 0
         for start in range(0, n, config.tt_batch_size):
@@ -89,6 +96,10 @@ def train_two_tower(
             total += float(loss.detach()) * n_valid
             count += n_valid
         bar.set_postfix(loss=f"{total / max(count, 1):.3f}")
+        if on_epoch is not None:
+            model.eval()
+            on_epoch(epoch + 1, model)
+            model.train()
     model.eval()
     return model
 

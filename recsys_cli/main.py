@@ -51,7 +51,14 @@ def _tune(args: argparse.Namespace) -> int:
 
     try:
         base = ExportConfig.from_json(args.config) if args.config else ExportConfig()
-        settings = TuneSettings(trials=args.trials, minutes=args.minutes, seed=args.seed, max_cases=args.max_cases)
+        settings = TuneSettings(
+            trials=args.trials,
+            minutes=args.minutes,
+            seed=args.seed,
+            max_cases=args.max_cases,
+            threads=args.threads,
+            prune=not args.no_prune,
+        )
         # tqdm.write keeps the per-trial lines clear of optuna's progress bar.
         result = tune(load_dataset(args.data), base, settings, args.out, progress=not args.quiet, log=tqdm.write)
     except (DataError, ValueError) as exc:
@@ -230,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, help="also stop starting trials after this many minutes")
     p.add_argument("--seed", type=int, default=0, help="the sampler's seed (training is seeded by the config's seed)")
     p.add_argument("--max-cases", type=int, default=2000, help="validation cases per protocol (a seeded sample)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch/BLAS threads per trial (default 1: robust on shared cores)"
+    )
+    p.add_argument("--no-prune", action="store_true", help="run every trial to the end (no median pruning)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_tune)
 

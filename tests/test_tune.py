@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from exporter.config import ExportConfig
 from exporter.data import Dataset, load_dataset
+from exporter.evaluate import Cases
+from exporter.models import TwoTower
 from exporter.protocols import loo_split, replay_split
 from exporter.synth import generate
-from exporter.tune import SPACE, TuneSettings, apply, search_space, tune, validation_split
+from exporter.tables import genre_multi_hot
+from exporter.train import train_two_tower
+from exporter.tune import (
+    SPACE,
+    RetrievalProbe,
+    TuneSettings,
+    apply,
+    prune_epochs,
+    retrieval_ndcg,
+    search_space,
+    tune,
+    validation_split,
+)
 from recsys_cli.main import main
 
 TINY = ExportConfig.tiny()
@@ -106,17 +122,126 @@ def test_cli_minutes_budget_and_bad_input(synth_ds: tuple[Path, Dataset], tmp_pa
     out = tmp_path / "out"
     argv = ["tune", "--data", str(data), "--out", str(out), "--config", str(base), "--quiet"]
     with pytest.raises(SystemExit) as exc:
-        main([*argv, "--trials", "50", "--minutes", "0.001"])  # the time budget ends the search after one trial
+        # The time budget ends the search after one trial.
+        main([*argv, "--trials", "50", "--minutes", "0.001", "--threads", "2", "--no-prune"])
     assert exc.value.code == 0
-    assert len(json.loads((out / "trials.json").read_text())["trials"]) == 1
+    saved = json.loads((out / "trials.json").read_text())
+    assert len(saved["trials"]) == 1 and saved["trials"][0]["retrieval"] == {}  # no pruning, so no reports
+    assert saved["settings"]["threads"] == 2 and saved["pruning"]["rule"] == "off"
     printed = capsys.readouterr().out
     assert "| 0 (best) |" in printed and f"--config {out / 'config.json'}" in printed
     assert ExportConfig.from_json(out / "config.json") == TINY  # one trial: the base config is the best
 
-    for extra, message in ((["--trials", "0"], "trials must be >= 1"), (["--minutes", "-1"], "minutes must be > 0")):
+    bad = (
+        (["--trials", "0"], "trials must be >= 1"),
+        (["--minutes", "-1"], "minutes must be > 0"),
+        (["--threads", "0"], "threads must be >= 1"),
+    )
+    for extra, message in bad:
         with pytest.raises(SystemExit) as exc:
             main([*argv, *extra])
         assert exc.value.code == 2 and message in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["tune", "--data", str(tmp_path / "missing"), "--out", str(out)])
     assert exc.value.code == 2 and "no such directory" in capsys.readouterr().err
+
+
+def test_retrieval_ndcg_ranks_the_target_among_unseen_items() -> None:
+    scores = np.array(
+        [
+            [0.9, 0.1, 0.5, 0.2],  # target 1 scores highest: rank 0
+            [0.9, 0.8, 0.5, 0.2],  # target 3 behind item 1 only, item 2 is seen: rank 1
+            [0.1, 0.8, 0.5, 0.2],  # target 2 was seen: it cannot be recommended
+            [0.9, 0.8, 0.7, 0.2],  # target 4 behind three items: rank 3, outside k = 2
+        ],
+        dtype=np.float32,
+    )
+    seen = [np.array([], np.int64), np.array([2], np.int64), np.array([2, 3], np.int64), np.array([], np.int64)]
+    cases = Cases(seen, np.array([1, 3, 2, 4], dtype=np.int64))
+    assert retrieval_ndcg(scores, cases, k=2) == pytest.approx((1.0 + 1 / np.log2(3)) / 4)
+    assert retrieval_ndcg(scores, cases, k=4) == pytest.approx((1.0 + 1 / np.log2(3) + 1 / np.log2(5)) / 4)
+    assert scores[1, 1] == np.float32(0.8)  # the caller's scores are left as they were
+    assert prune_epochs(12) == [6, 9, 12] and prune_epochs(3) == [2, 3] and prune_epochs(1) == [1]
+
+
+def test_epoch_hook_sees_every_epoch_and_leaves_the_fit_unchanged(synth_ds: tuple[Path, Dataset]) -> None:
+    _, ds = synth_ds
+    split = validation_split(ds, TINY)
+    genres = genre_multi_hot(split.vocab, ds.genres, ds.genre_names)
+    config = apply(TINY, {"tt_dropout": 0.5})  # dropout draws from torch's generator: a hook that did would show
+    probe = RetrievalProbe(split.cases, TINY.eval_k)
+    reports: list[tuple[int, float, bool]] = []
+
+    def on_epoch(epoch: int, model: TwoTower) -> None:
+        reports.append((epoch, probe(model, config.history_len), model.training))
+
+    hooked = train_two_tower(split.seqs, len(split.vocab), genres, config, progress=False, on_epoch=on_epoch)
+    plain = train_two_tower(split.seqs, len(split.vocab), genres, config, progress=False)
+    assert [e for e, _, _ in reports] == list(range(1, config.tt_epochs + 1))
+    assert not any(training for _, _, training in reports)  # probed in eval mode, trained in train mode after
+    assert all(0.0 <= v <= 1.0 for _, v, _ in reports) and reports[-1][1] > 0
+    assert reports[-1][1] == probe(hooked, config.history_len)
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(tensor, hooked.state_dict()[name]), name
+
+    def stop(epoch: int, model: TwoTower) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt
+        reports.append((epoch, 0.0, False))
+
+    reports.clear()
+    with pytest.raises(KeyboardInterrupt):
+        train_two_tower(split.seqs, len(split.vocab), genres, config, progress=False, on_epoch=stop)
+    assert [e for e, _, _ in reports] == [1]
+
+
+def test_pruning_stops_trials_below_the_median_and_records_them(synth_ds: tuple[Path, Dataset], tmp_path: Path) -> None:
+    _, ds = synth_ds
+    settings = TuneSettings(trials=8, seed=1, startup_trials=2, prune_startup_trials=2)
+    pruned = tune(ds, TINY, settings, tmp_path / "p", progress=False, log=lambda _: None)
+    again = tune(ds, TINY, settings, tmp_path / "q", progress=False, log=lambda _: None)
+    rows = pruned.summary["trials"]
+    assert [(r["state"], r["value"]) for r in rows] == [(r["state"], r["value"]) for r in again.summary["trials"]]
+    checks = prune_epochs(TINY.tt_epochs)
+    assert pruned.summary["pruning"]["epochs"] == checks == [2, 3]
+    states = [r["state"] for r in rows]
+    assert states[0] == "COMPLETE" and pruned.base_value == rows[0]["value"]  # the base config always completes
+    assert states[:2] == ["COMPLETE", "COMPLETE"] and "PRUNED" in states  # none before startup_trials completed
+    for n, row in enumerate(rows):
+        reports = {int(e): v for e, v in row["retrieval"].items()}
+        done_before = [r for r in rows[:n] if r["state"] == "COMPLETE"]
+        # The median rule, replayed: pruned trials trailed the median of the trials completed before them at the
+        # epoch they stopped; the others never did once startup_trials had completed.
+        for epoch in sorted(reports):
+            median = np.median([float(r["retrieval"][str(epoch)]) for r in done_before]) if done_before else None
+            trails = (
+                median is not None
+                and len(done_before) >= settings.prune_startup_trials
+                and max(v for e, v in reports.items() if e <= epoch) < median
+            )
+            if row["state"] == "PRUNED" and epoch == row["pruned_at_epoch"]:
+                assert trails, (n, epoch)
+                break
+            assert not trails, (n, epoch)
+        if row["state"] == "PRUNED":
+            assert row["value"] is None and row["loo"] is None and row["seconds"] is not None
+            assert max(reports) == row["pruned_at_epoch"] in checks
+        else:
+            assert sorted(reports) == checks and row["pruned_at_epoch"] is None
+
+    n_pruned = states.count("PRUNED")
+    report = (tmp_path / "p" / "report.md").read_text()
+    assert report.count("pruned at epoch") == n_pruned and report.count("\n| ") == 1 + len(rows)
+    assert f"Search: 8 trials: {8 - n_pruned} complete, {n_pruned} pruned" in report
+    saved = json.loads((tmp_path / "p" / "trials.json").read_text())
+    assert [r["state"] for r in saved["trials"]] == states
+
+    # Reports do not change a fit: without pruning, every trial up to the first pruned one has the same settings
+    # and value, and the first pruned one completes.
+    first = states.index("PRUNED")
+    full = tune(ds, TINY, dataclasses.replace(settings, prune=False, trials=first + 1), tmp_path / "f", False, print)
+    full_rows = full.summary["trials"]
+    assert [r["state"] for r in full_rows] == ["COMPLETE"] * (first + 1)
+    assert [r["params"] for r in full_rows] == [r["params"] for r in rows[: first + 1]]
+    assert [r["value"] for r in full_rows[:first]] == [r["value"] for r in rows[:first]]
+    assert full_rows[first]["retrieval"] == {}  # no reports without pruning
