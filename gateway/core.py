@@ -434,8 +434,8 @@ class Recommender:
                 timings[source.name] = (time.perf_counter() - t) * 1000
 
         pending = {asyncio.ensure_future(timed(s)): s.name for s in self.remote_sources}
-        # Let the remote calls reach the wire (a few loop turns: task, hedger, shard fan-out, grpc's own
-        # task) before the local sources hold the loop for their share of a millisecond.
+        # Let the remote calls reach the wire (a few loop turns: task, shard fan-out, the coalescer's flush and
+        # send task, hedger, grpc's own task) before the local sources hold the loop for their share of a ms.
         for _ in range(SEND_TURNS):
             await asyncio.sleep(0)
         results: list[SourceResult] = []
