@@ -19,7 +19,7 @@ from exporter.config import ExportConfig
 from exporter.data import Dataset
 from exporter.distributed import ModelWeights, current_executor, user_vectors_of
 from exporter.fit import Fitted, fit_models
-from exporter.metrics import summarize
+from exporter.metrics import ndcg_per_case, summarize
 from exporter.models import Ranker, UserTower
 from exporter.onnx_export import export_ranker, ort_ranker_scores, quantize_ranker
 from exporter.protocols import loo_split, replay_events, replay_split
@@ -146,8 +146,12 @@ def evaluate_cases(
     chunk: int = 512,
     extra: dict[str, Scorer] | None = None,
     usercf: UserCFPlan | None = None,
+    per_case: bool = False,
 ) -> dict[str, Any]:
     """HR@k, NDCG@k and coverage of each model on the same cases, plus the candidate plan's recall.
+
+    per_case: each model's entry also holds "ndcg_per_case", an array aligned with cases.targets (for paired
+    comparisons of two fits on the same cases, as `recsys tune` makes; not JSON).
 
     extra: more rankers of the same candidates (e.g. the int8 ONNX graph), reported under their names; they must
     pickle when the current executor is Ray. Chunks of cases run on exporter.distributed.current_executor().
@@ -178,14 +182,12 @@ def evaluate_cases(
     results = current_executor().map(evaluate_chunk, chunks, models=models)
     n_items = fitted.tables.n_items
     names = [*MODELS, *models.extra, *([USERCF] if cases.usercf is not None else [])]
-    report: dict[str, Any] = {
-        m: summarize(
-            np.concatenate([tops[m] for tops, _ in results]) if results else np.zeros((0, k), np.int64),
-            cases.targets,
-            n_items,
-        )
-        for m in names
-    }
+    report: dict[str, Any] = {}
+    for m in names:
+        topk = np.concatenate([tops[m] for tops, _ in results]) if results else np.zeros((0, k), np.int64)
+        report[m] = summarize(topk, cases.targets, n_items)
+        if per_case:
+            report[m]["ndcg_per_case"] = ndcg_per_case(topk, cases.targets)
     counts = {key: sum(c[key] for _, c in results) for key in (results[0][1] if results else {})}
     n_cases = max(len(cases.targets), 1)
     report["candidate_recall"] = round(counts.get("in_candidates", 0) / n_cases, 4)

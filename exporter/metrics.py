@@ -24,6 +24,12 @@ def ndcg_at_k(ranked: npt.ArrayLike, target: int, k: int) -> float:
     return float(1.0 / np.log2(rank + 2)) if rank >= 0 else 0.0
 
 
+def ndcg_per_case(topk: npt.NDArray[np.int64], targets: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+    """NDCG@k of each case: 1 / log2(rank + 2) where the target is in the case's top-k row, else 0."""
+    match = topk == targets[:, None]
+    return np.where(match.any(axis=1), 1.0 / np.log2(np.argmax(match, axis=1) + 2.0), 0.0)
+
+
 def summarize(topk: npt.NDArray[np.int64], targets: npt.NDArray[np.int64], n_items: int) -> dict[str, float]:
     """HR@k, NDCG@k and catalogue coverage over cases: topk (n_cases, k) item indices, targets (n_cases,).
 
@@ -32,10 +38,8 @@ def summarize(topk: npt.NDArray[np.int64], targets: npt.NDArray[np.int64], n_ite
     k = topk.shape[1] if topk.ndim == 2 else 0
     if len(targets) == 0:
         return {"hr": 0.0, "ndcg": 0.0, "coverage": 0.0, "cases": 0, "k": k}
-    match = topk == targets[:, None]
-    hit = match.any(axis=1)
-    rank = np.argmax(match, axis=1)
-    ndcg = np.where(hit, 1.0 / np.log2(rank + 2.0), 0.0)
+    hit = (topk == targets[:, None]).any(axis=1)
+    ndcg = ndcg_per_case(topk, targets)
     covered = np.unique(topk[topk > 0]).size
     return {
         "hr": float(hit.mean()),

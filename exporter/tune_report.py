@@ -26,7 +26,7 @@ def trials_table(summary: dict[str, Any], k: int = 10) -> str:
     seconds, the trial's settings. A pruned trial shows the epoch it stopped at in place of the objective."""
     names = list(summary["space"])
     best = summary["best"]["trial"]
-    head = ["trial", f"NDCG@{k} mean", "loo", "replay", "retriever", "s", *names]
+    head = ["trial", f"NDCG@{k} mean", "loo", "replay", "vs base ± se", "retriever", "s", *names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in summary["trials"]:
         mark = " (best)" if row["trial"] == best else (" (base)" if row["trial"] == 0 else "")
@@ -37,6 +37,7 @@ def trials_table(summary: dict[str, Any], k: int = 10) -> str:
             cells = [f"{row['trial']}{mark}", row["state"], "", ""]
         else:
             cells = [f"{row['trial']}{mark}", f"{row['value']:.4f}", f"{row['loo']:.4f}", f"{row['replay']:.4f}"]
+        cells.append("" if row.get("gain") is None else f"{row['gain']:+.4f} ± {row['gain_se']:.4f}")
         cells += [_last_report(row), seconds]
         cells += [_fmt(row["params"].get(n, "")) for n in names]
         lines.append("| " + " | ".join(cells) + " |")
@@ -124,6 +125,7 @@ def write_tune_report(summary: dict[str, Any], k: int, out_dir: Path) -> list[Pa
     v, best = summary["validation"], summary["best"]
     base = next((r for r in summary["trials"] if r["trial"] == 0 and r["state"] == "COMPLETE"), None)
     gain = f" (base config {base['value']:.4f}, {best['value'] - base['value']:+.4f})" if base else ""
+    rule = f" Rule: {best['rule']}." if best.get("rule") else ""
     md = [
         "# recsys tune",
         "",
@@ -133,7 +135,7 @@ def write_tune_report(summary: dict[str, Any], k: int, out_dir: Path) -> list[Pa
         "",
         _search_line(summary, k),
         "",
-        f"Best: trial {best['trial']}, {best['value']:.4f}{gain}.",
+        f"Best: trial {best['trial']}, {best['value']:.4f}{gain}.{rule}",
         "",
         "```",
         *(f"{name} = {_fmt(value)}" for name, value in best["params"].items()),

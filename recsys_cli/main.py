@@ -58,6 +58,7 @@ def _tune(args: argparse.Namespace) -> int:
             max_cases=args.max_cases,
             threads=args.threads,
             prune=not args.no_prune,
+            min_gain_se=args.min_gain_se,
         )
         # tqdm.write keeps the per-trial lines clear of optuna's progress bar.
         result = tune(load_dataset(args.data), base, settings, args.out, progress=not args.quiet, log=tqdm.write)
@@ -66,7 +67,11 @@ def _tune(args: argparse.Namespace) -> int:
         return 2
     print(trials_table(result.summary, base.eval_k))
     base_text = "failed" if result.base_value is None else f"{result.base_value:.4f}"
-    print(f"\nbest validation NDCG@{base.eval_k} {result.best_value:.4f} (base config {base_text})")
+    best = result.summary["best"]
+    print(
+        f"\nchosen: trial {best['trial']}, validation NDCG@{base.eval_k} {result.best_value:.4f} "
+        f"(base config {base_text}; rule: {best['rule']})"
+    )
     print(f"wrote {', '.join(str(p) for p in result.files)}")
     print(f"next: recsys export --data {args.data} --out BUNDLES --config {args.out / 'config.json'}")
     return 0
@@ -241,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=1, help="torch/BLAS threads per trial (default 1: robust on shared cores)"
     )
     p.add_argument("--no-prune", action="store_true", help="run every trial to the end (no median pruning)")
+    p.add_argument(
+        "--min-gain-se",
+        type=float,
+        default=2.0,
+        help="keep the base config unless a trial beats it by more than this many standard errors "
+        "(default 2; 0: any gain)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_tune)
 
@@ -255,9 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run retrieval, ranking and the gateway as child processes")
     p.add_argument("--bundles", type=Path, required=True)
-    p.add_argument(
-        "--state", default="var/state", help="user-state directory (embedded store) or redis://host:port/db"
-    )
+    p.add_argument("--state", default="var/state", help="user-state directory (embedded store) or redis://host:port/db")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="REST port (0 = any free port)")
     p.add_argument("--grpc-port", type=int, default=50050, help="gateway gRPC port (0 = any free port)")
@@ -299,9 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="credentials for the gateway").add_subparsers(dest="keys_command", required=True)
     p = keys.add_parser("new-api-key", help="make an API key: prints it once, and its keys-file line")
     p.add_argument("--principal", required=True, help="who holds the key (letters, digits, . _ @ -)")
-    p.add_argument(
-        "--scopes", required=True, help="comma-separated: recommendations:read, events:write, users:erase"
-    )
+    p.add_argument("--scopes", required=True, help="comma-separated: recommendations:read, events:write, users:erase")
     p.add_argument("--keys-file", type=Path, help="append the line to this keys file (created 0600 if missing)")
     p.set_defaults(func=_new_api_key)
     p = keys.add_parser("new-bundle-key", help="make an Ed25519 key pair for signing bundles")

@@ -23,9 +23,11 @@ from exporter.tune import (
     RetrievalProbe,
     TuneSettings,
     apply,
+    paired_gain,
     prune_epochs,
     retrieval_ndcg,
     search_space,
+    select_best,
     tune,
     validation_split,
 )
@@ -94,7 +96,15 @@ def test_tune_writes_config_and_report_and_repeats_with_a_seed(synth_ds: tuple[P
     assert first.best_params == second.best_params and first.best_value == second.best_value
     values = [t["value"] for t in first.summary["trials"]]
     assert values == [t["value"] for t in second.summary["trials"]]
-    assert first.best_value == max(values) and first.base_value == values[0]
+    assert first.base_value == values[0]
+    # The chosen trial is the best one that beats the base beyond noise, or the base itself.
+    rows = first.summary["trials"]
+    better = [r for r in rows[1:] if r["gain"] > 2 * r["gain_se"]]
+    chosen = max(better, key=lambda r: r["value"]) if better else rows[0]
+    assert first.summary["best"]["trial"] == chosen["trial"] and first.best_value == chosen["value"]
+    for r in rows[1:]:  # gains are paired differences of the same cases: they add up to the difference in value
+        assert r["gain"] == pytest.approx(r["value"] - rows[0]["value"], abs=2e-5) and r["gain_se"] >= 0
+    assert rows[0]["gain"] is None
     assert first.summary["trials"][0]["params"]["tt_dim"] == TINY.tt_dim  # trial 0 is the base config
     assert first.summary["trials"][1]["params"] != first.summary["trials"][0]["params"]
 
@@ -136,6 +146,7 @@ def test_cli_minutes_budget_and_bad_input(synth_ds: tuple[Path, Dataset], tmp_pa
         (["--trials", "0"], "trials must be >= 1"),
         (["--minutes", "-1"], "minutes must be > 0"),
         (["--threads", "0"], "threads must be >= 1"),
+        (["--min-gain-se", "-1"], "min_gain_se must be >= 0"),
     )
     for extra, message in bad:
         with pytest.raises(SystemExit) as exc:
@@ -245,3 +256,25 @@ def test_pruning_stops_trials_below_the_median_and_records_them(synth_ds: tuple[
     assert [r["params"] for r in full_rows] == [r["params"] for r in rows[: first + 1]]
     assert [r["value"] for r in full_rows[:first]] == [r["value"] for r in rows[:first]]
     assert full_rows[first]["retrieval"] == {}  # no reports without pruning
+
+
+def test_paired_gain_and_the_choice_keep_the_base_unless_a_trial_beats_it_beyond_noise() -> None:
+    base = {"loo": np.array([1.0, 0.0, 0.5, 0.0]), "replay": np.array([0.0, 0.0, 1.0])}
+    trial = {"loo": np.array([1.0, 1.0, 0.5, 0.0]), "replay": np.array([0.0, 0.0, 1.0])}
+    gain, se = paired_gain(trial, base)
+    # loo gains 0.25 (one case of four), replay 0: the objective (mean of the two) gains 0.125.
+    assert gain == pytest.approx(0.125)
+    assert se == pytest.approx(np.sqrt(np.var([0, 1, 0, 0], ddof=1) / 4) / 2)
+    assert paired_gain(base, base) == (0.0, 0.0)
+
+    def row(n: int, value: float | None, gain: float | None, se: float | None, state: str = "COMPLETE") -> dict:
+        return {"trial": n, "state": state, "value": value, "gain": gain, "gain_se": se}
+
+    rows = [row(0, 0.10, None, None), row(1, 0.13, 0.03, 0.01), row(2, 0.14, 0.04, 0.03)]
+    rows.append(row(3, None, None, None, "PRUNED"))
+    assert select_best(rows, 2.0) == 1  # trial 2 is higher but within two standard errors of the base
+    assert select_best(rows, 0.0) == 2  # any gain: the highest value
+    assert select_best(rows, 5.0) == 0  # nothing beats the base by five standard errors
+    assert select_best([row(0, None, None, None, "FAIL"), *rows[1:]], 2.0) == 2  # no base to compare with
+    with pytest.raises(RuntimeError, match="no trial completed"):
+        select_best([row(0, None, None, None, "FAIL")], 2.0)
