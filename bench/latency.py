@@ -9,7 +9,8 @@ sequentially (keep-alive, no concurrency):
   - retrieval: Retrieval.Search by the same user contexts, k=200 (gRPC, direct)
   - ranking:   Ranking.Rank of 350 candidates for the same contexts (gRPC, direct)
 and prints p50/p90/p99 per kind plus the ratio of the gateway's median to the sum of the parts'
-medians (the gateway's own overhead: REST, store, merging, two hops). Writes JSON and a PNG.
+medians (the gateway's own overhead: REST, store, merging, two hops). Then the same searches back to
+back and each after a 2 ms idle gap: what waking an idle service costs per hop. Writes JSON and a PNG.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from protos.recsys.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc, retrieva
 from recsys_cli.stack import Stack  # noqa: E402
 from recsys_common.bundle import open_bundle  # noqa: E402
 from recsys_common.catalog import Catalog  # noqa: E402
+
+IDLE_GAP_MS = 2  # about what a service waits between its calls in the pipeline (the other stages' time)
 
 
 def percentiles(ms: list[float]) -> dict[str, float]:
@@ -90,7 +93,20 @@ def main() -> None:
             ranking.Rank(request, timeout=5)
             results["ranking"].append((time.perf_counter() - t) * 1000)
 
+        # The same searches again, back to back and then each after an idle gap: in the pipeline every process
+        # sleeps while the others work, and waking one costs more than a call to a busy one.
+        wake: dict[str, list[float]] = {"back_to_back": [], f"after_{IDLE_GAP_MS}_ms_idle": []}
+        for kind, gap_s in zip(wake, (0.0, IDLE_GAP_MS / 1000), strict=True):
+            for n in tqdm(range(args.requests // 2), desc=f"Search, {kind.replace('_', ' ')}"):
+                context = common_pb2.UserContext(recent_item_ids=histories[users[n % len(users)]])
+                if gap_s:
+                    time.sleep(gap_s)
+                t = time.perf_counter()
+                retrieval.Search(retrieval_pb2.SearchRequest(context=context, k=200, exclude_context=True), timeout=5)
+                wake[kind].append((time.perf_counter() - t) * 1000)
+
     summary = {kind: percentiles(ms) for kind, ms in results.items()}
+    summary["retrieval_wake_up"] = {kind: percentiles(ms) for kind, ms in wake.items()}
     parts = summary["retrieval"]["p50"] + summary["ranking"]["p50"]
     summary["gateway_over_parts_p50"] = round(summary["gateway"]["p50"] / parts, 3)
     print(f"{'kind':<10} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}")
@@ -98,6 +114,11 @@ def main() -> None:
         s = summary[kind]
         print(f"{kind:<10} {s['p50']:>8.3f} {s['p90']:>8.3f} {s['p99']:>8.3f}")
     print(f"gateway p50 / (retrieval p50 + ranking p50) = {summary['gateway_over_parts_p50']}")
+    quiet, busy = (summary["retrieval_wake_up"][k]["p50"] for k in reversed(wake))
+    print(
+        f"retrieval Search p50 after {IDLE_GAP_MS} ms idle {quiet:.3f} ms, back to back {busy:.3f} ms: "
+        f"{quiet - busy:+.3f} ms to wake an idle service"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2))
     _plot(results, args.out.with_suffix(".png"))
