@@ -93,7 +93,10 @@ class UserTower(nn.Module):
         """history (B, L) int64 right-aligned, 0-padded -> (B, L, D) states at every position."""
         real = history > 0
         keep = real.unsqueeze(-1).to(item_table.dtype)
-        x = item_table[history] * math.sqrt(self.dim) + self.pos
+        # embedding, not item_table[history]: the indexing backward (index_put_ with accumulate) adds rows with
+        # unordered atomic adds when torch runs on 2+ threads, so equal fits in two processes would differ in
+        # the last bits; embedding's backward gives each thread its own rows and adds them in a fixed order.
+        x = nn.functional.embedding(history, item_table) * math.sqrt(self.dim) + self.pos
         x = self.drop(x) * keep
         # A query may attend to earlier real items and always to itself, so no softmax row is empty
         # (padded rows produce ignored garbage instead of NaN, which would poison ONNX parity).
