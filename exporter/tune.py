@@ -438,6 +438,8 @@ def tune(
         )
     search_seconds = time.perf_counter() - started
     rows = trial_rows(study, per_case)
+    for n, row in enumerate(rows):  # the trial the rule would have chosen had the search stopped here
+        row["chosen"] = select_best(rows[: n + 1], settings.min_gain_se) if row["state"] == "COMPLETE" else None
     best = study.trials[select_best(rows, settings.min_gain_se)]
     best_config = apply(base, best.params)
     (out_dir / CONFIG_JSON).write_text(json.dumps(best_config.to_dict(), indent=2) + "\n")

@@ -77,14 +77,30 @@ def _plot(summary: dict[str, Any], k: int, path: Path) -> None:
     pruned = [r["trial"] for r in summary["trials"] if r["state"] == "PRUNED"]
     xs = [r["trial"] for r in done]
     values = [r["value"] for r in done]
-    best_so_far = [max(values[: i + 1]) for i in range(len(values))]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_trial = {r["trial"]: r["value"] for r in done}
+    # The rule's choice, not the running maximum: a gain within the noise moves neither the line nor the settings.
+    chosen = [by_trial[r["chosen"]] for r in done]
+    min_gain_se = summary["settings"]["min_gain_se"]
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
     ax.plot(xs, [r["loo"] for r in done], "^", color="tab:gray", alpha=0.5, label="loo validation")
     ax.plot(xs, [r["replay"] for r in done], "v", color="tab:green", alpha=0.5, label="replay validation")
     ax.plot(xs, values, "o", color="tab:blue", label="objective (mean)")
-    ax.step(xs, best_so_far, where="post", color="tab:red", label="best so far")
+    ax.step(xs, chosen, where="post", color="tab:red", label="chosen so far")
     if done and done[0]["trial"] == 0:
         ax.axhline(values[0], color="black", linestyle=":", linewidth=1, label="base config (trial 0)")
+        # What each trial had to beat: the base plus min_gain_se of the standard error of its own paired gain.
+        bars = [(r["trial"], r["value"] - r["gain"], r["gain_se"]) for r in done[1:] if r["gain_se"] is not None]
+        if bars and min_gain_se > 0:
+            ax.errorbar(
+                [b[0] for b in bars],
+                [b[1] for b in bars],
+                yerr=[min_gain_se * b[2] for b in bars],
+                fmt="none",
+                ecolor="tab:red",
+                alpha=0.35,
+                capsize=3,
+                label=f"base ± {min_gain_se:g} se of the trial's paired gain",
+            )
     if pruned:  # no objective: marked along the bottom edge
         ax.plot(pruned, [0.03] * len(pruned), "x", color="tab:gray", transform=ax.get_xaxis_transform(), label="pruned")
     ax.set_xlabel("trial")
@@ -92,7 +108,7 @@ def _plot(summary: dict[str, Any], k: int, path: Path) -> None:
     best = summary["best"]
     ax.set_title(f"recsys tune: {_trial_counts(summary)}; best {best['value']:.4f} (trial {best['trial']})")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: it hides no trial
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

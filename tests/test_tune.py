@@ -102,6 +102,10 @@ def test_tune_writes_config_and_report_and_repeats_with_a_seed(synth_ds: tuple[P
     better = [r for r in rows[1:] if r["gain"] > 2 * r["gain_se"]]
     chosen = max(better, key=lambda r: r["value"]) if better else rows[0]
     assert first.summary["best"]["trial"] == chosen["trial"] and first.best_value == chosen["value"]
+    # Each completed row records the rule's choice up to it (the report's line); the last one is the final choice.
+    done = [r for r in rows if r["state"] == "COMPLETE"]
+    assert done[-1]["chosen"] == chosen["trial"] and done[0]["chosen"] == 0
+    assert all(r["chosen"] is None for r in rows if r["state"] != "COMPLETE")
     for r in rows[1:]:  # gains are paired differences of the same cases: they add up to the difference in value
         assert r["gain"] == pytest.approx(r["value"] - rows[0]["value"], abs=2e-5) and r["gain_se"] >= 0
     assert rows[0]["gain"] is None
