@@ -142,6 +142,8 @@ class Probe:
         for name, proc in self.stack.procs.items():
             fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
             out[f"cpu_{name}"] = (int(fields[11]) + int(fields[12])) / tick
+        # The load generator's own CPU shares the machine with the services: a heavier client leaves them less.
+        out["cpu_loadgen"] = time.process_time()
         with urllib.request.urlopen(f"{self.stack.http_url}/metrics", timeout=10) as reply:
             for line in reply.read().decode().splitlines():
                 match = re.match(r'recsys_gateway_batch_size_(sum|count)\{call="(\w+)"\} (\S+)', line)

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
+import grpc.aio
 
 from gateway.auth import ERASE, EVENTS, RECOMMEND, Guard, PermissionDenied, RateLimited, Unauthenticated
 from gateway.metrics import AUTH_REFUSED, RATE_LIMITED
@@ -34,7 +35,7 @@ def peer_host(peer: str) -> str:
 
 
 class GuardedServicer:
-    """The servicer with each public method behind the Guard; the generated add_*_to_server reads its methods
+    """The (grpc.aio) servicer with each public method behind the Guard; the generated add_*_to_server reads its methods
     by name, so it cannot tell the difference."""
 
     def __init__(self, inner: Any, guard: Guard, scopes: Mapping[str, str] = METHOD_SCOPES) -> None:
@@ -48,10 +49,12 @@ class GuardedServicer:
             return method
         return self._guarded(method, self._scopes.get(name))
 
-    def _guarded(self, method: Callable[[Any, grpc.ServicerContext], Any], scope: str | None) -> Callable[..., Any]:
+    def _guarded(
+        self, method: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]], scope: str | None
+    ) -> Callable[..., Any]:
         @functools.wraps(method)
-        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
-            authorization = next((v for k, v in context.invocation_metadata() if k == "authorization"), None)
+        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            authorization = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
             try:
                 self._guard.check(
                     authorization if isinstance(authorization, str) else None, scope, peer_host(context.peer())
@@ -59,12 +62,12 @@ class GuardedServicer:
             except (Unauthenticated, PermissionDenied) as err:
                 AUTH_REFUSED.labels("grpc", err.reason).inc()
                 log.info("refused %s: %s", method.__name__, getattr(err, "detail", err.reason))
-                context.abort(err.grpc_code, str(err))
+                await context.abort(err.grpc_code, str(err))
             except RateLimited as err:
                 RATE_LIMITED.labels("grpc").inc()
                 context.set_trailing_metadata((("retry-after", err.retry_after),))
-                context.abort(err.grpc_code, str(err))
-            return method(request, context)
+                await context.abort(err.grpc_code, str(err))
+            return await method(request, context)
 
         return guarded
 

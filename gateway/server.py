@@ -13,13 +13,14 @@ import logging
 import signal
 import socket
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from pathlib import Path
 from types import FrameType
 
+import grpc.aio
 import uvicorn
+from grpc_health.v1 import health
 
 from gateway.auth import Guard
 from gateway.auth_grpc import guard_servicer
@@ -33,7 +34,7 @@ from gateway.servicer import GatewayServicer
 from gateway.store import open_store
 from protos.recsys.v1 import gateway_pb2, gateway_pb2_grpc
 from recsys_common.config import ConfigError
-from recsys_common.grpc_server import announce, create_server, set_serving
+from recsys_common.grpc_server import announce, create_aio_server, set_serving_aio
 from recsys_common.logs import setup_logging
 from recsys_common.signing import BundleTrust
 from recsys_common.snapshot import SnapshotHolder
@@ -145,31 +146,38 @@ def main(argv: Sequence[str] | None = None) -> None:
     recommender.warm_up()
 
     servicer = guard_servicer(GatewayServicer(recommender), guard)
-    grpc_server, grpc_port, health = create_server(
-        [lambda s: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, s)],
-        f"{config.host}:{config.grpc_port}",
-        # One worker per admitted request, and no queue behind them: beyond max_inflight (plus the health
-        # checks' headroom) a call is refused at once, never left waiting past its deadline for a thread.
-        max_workers=config.max_inflight + 4,
-        credentials=tls.server_credentials(require_client_auth=False) if tls is not None else None,
-        max_concurrent_rpcs=config.max_inflight + 4,
-    )
-    grpc_server.start()
-    set_serving(health, [SERVICE_NAME], True)
+
+    async def start_grpc() -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+        # On the core's loop, as REST: a gRPC request reaches the core without a hand-off between threads.
+        # Beyond max_inflight (plus the health checks' headroom) a call is refused at once, never queued.
+        server, port, health_servicer = create_aio_server(
+            [lambda s: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, s)],
+            f"{config.host}:{config.grpc_port}",
+            credentials=tls.server_credentials(require_client_auth=False) if tls is not None else None,
+            max_concurrent_rpcs=config.max_inflight + 4,
+        )
+        await server.start()
+        await set_serving_aio(health_servicer, [SERVICE_NAME], True)
+        return server, port, health_servicer
+
+    grpc_server, grpc_port, health_servicer = recommender.core.run(start_grpc())
     announce("gateway-grpc", grpc_port, args.grpc_port_file)
 
     sock = _bind(config.host, config.http_port)
     http_port = sock.getsockname()[1]
     app = create_app(recommender, on_ready=lambda: announce("gateway", http_port, args.port_file), guard=guard)
-    grpc_stopped: list[threading.Event] = []
+    grpc_stopped: list[futures.Future[None]] = []
+
+    async def stop_grpc() -> None:
+        await health_servicer.enter_graceful_shutdown()
+        await grpc_server.stop(config.grace_s)
 
     def drain() -> None:
         """First SIGTERM/SIGINT: NOT_SERVING at once on both transports; gRPC refuses new calls, finishes the rest."""
         if not grpc_stopped:
             log.info("draining: finishing in-flight requests for up to %.1f s", config.grace_s)
             recommender.draining.set()
-            health.enter_graceful_shutdown()
-            grpc_stopped.append(grpc_server.stop(config.grace_s))
+            grpc_stopped.append(recommender.core.submit(stop_grpc()))
 
     uv_config = uvicorn.Config(
         app,
@@ -191,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         serving.result()  # returns once in-flight REST requests are done (or the grace period ended)
     finally:
         drain()
-        grpc_stopped[0].wait()
+        grpc_stopped[0].result()
         recommender.close()
 
 

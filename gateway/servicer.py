@@ -1,13 +1,21 @@
-"""GatewayServicer: the gRPC twin of the REST API, over the same Recommender."""
+"""GatewayServicer: the gRPC twin of the REST API, over the same Recommender.
+
+It is a grpc.aio servicer served on the core's own event loop (gateway/server.py), as REST is: a request
+reaches the core without a hand-off between threads, and blocking store writes go to the core's executor.
+"""
 
 from __future__ import annotations
 
-import grpc
+import asyncio
+
+import grpc.aio
 
 from gateway.core import Recommender, RecommendRequest
 from gateway.store import Event
 from protos.recsys.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from recsys_common.grpc_server import map_errors
+
+Context = grpc.aio.ServicerContext
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -15,27 +23,23 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.recommender = recommender
 
     @map_errors
-    def Recommend(
-        self, request: gateway_pb2.RecommendRequest, context: grpc.ServicerContext
+    async def Recommend(  # type: ignore[override]
+        self, request: gateway_pb2.RecommendRequest, context: Context[gateway_pb2.RecommendRequest, object]
     ) -> gateway_pb2.RecommendResponse:
+        # Admission on the loop, as for REST: a refused request never waits at all.
         with self.recommender.admission.slot():
-            return self._recommend(request, context)
-
-    def _recommend(
-        self, request: gateway_pb2.RecommendRequest, context: grpc.ServicerContext
-    ) -> gateway_pb2.RecommendResponse:
-        rec = self.recommender.recommend(
-            RecommendRequest(
-                user_id=request.user_id,
-                k=request.k or 10,
-                exclude_seen=request.exclude_seen if request.HasField("exclude_seen") else True,
-                exclude_item_ids=tuple(request.exclude_item_ids),
-                timeout_ms=request.timeout_ms or None,
-                debug=request.debug,
-                max_per_genre=request.max_per_genre or None,
-            ),
-            grpc_remaining_s=context.time_remaining(),
-        )
+            rec = await self.recommender.recommend_async(
+                RecommendRequest(
+                    user_id=request.user_id,
+                    k=request.k or 10,
+                    exclude_seen=request.exclude_seen if request.HasField("exclude_seen") else True,
+                    exclude_item_ids=tuple(request.exclude_item_ids),
+                    timeout_ms=request.timeout_ms or None,
+                    debug=request.debug,
+                    max_per_genre=request.max_per_genre or None,
+                ),
+                grpc_remaining_s=context.time_remaining(),
+            )
         return gateway_pb2.RecommendResponse(
             items=[
                 common_pb2.ScoredItem(item_id=i.item_id, score=i.score, sources=i.sources, stage_scores=i.stage_scores)
@@ -49,12 +53,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         )
 
     @map_errors
-    def Track(self, request: gateway_pb2.TrackRequest, context: grpc.ServicerContext) -> gateway_pb2.TrackResponse:
+    async def Track(  # type: ignore[override]
+        self, request: gateway_pb2.TrackRequest, context: Context[gateway_pb2.TrackRequest, object]
+    ) -> gateway_pb2.TrackResponse:
         events = [Event(e.user_id, e.item_id, e.timestamp, e.event_id, e.type) for e in request.events]
-        return gateway_pb2.TrackResponse(accepted=self.recommender.track(events))
+        return gateway_pb2.TrackResponse(accepted=await asyncio.to_thread(self.recommender.track, events))
 
     @map_errors
-    def ForgetUser(
-        self, request: gateway_pb2.ForgetUserRequest, context: grpc.ServicerContext
+    async def ForgetUser(  # type: ignore[override]
+        self, request: gateway_pb2.ForgetUserRequest, context: Context[gateway_pb2.ForgetUserRequest, object]
     ) -> gateway_pb2.ForgetUserResponse:
-        return gateway_pb2.ForgetUserResponse(erased=self.recommender.forget(request.user_id))
+        erased = await asyncio.to_thread(self.recommender.forget, request.user_id)
+        return gateway_pb2.ForgetUserResponse(erased=erased)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import inspect
 import logging
 import os
 import signal
@@ -15,19 +16,39 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from recsys_common.errors import RecsysError
 from recsys_common.logs import setup_logging
-from recsys_common.metrics import ServerTelemetry, serve_metrics
+from recsys_common.metrics import AioServerTelemetry, ServerTelemetry, serve_metrics
 
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+SERVER_OPTIONS = [("grpc.max_receive_message_length", 32 << 20), ("grpc.so_reuseport", 0)]
+
 
 def map_errors(method: F) -> F:
-    """Servicer-method decorator: RecsysError -> its gRPC status; anything else -> INTERNAL, logged."""
+    """Servicer-method decorator: RecsysError -> its gRPC status; anything else -> INTERNAL, logged.
+
+    Works on coroutine methods too (a grpc.aio servicer), where abort is awaited."""
+    if inspect.iscoroutinefunction(method):
+
+        @functools.wraps(method)
+        async def async_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                return await method(self, request, context)
+            except grpc.aio.AbortError:
+                raise  # the method aborted on purpose, with its own status
+            except RecsysError as err:
+                await context.abort(err.grpc_code, str(err))
+            except Exception:
+                log.exception("unexpected error in %s", method.__qualname__)
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+        return async_wrapper  # type: ignore[return-value]
 
     @functools.wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
@@ -56,7 +77,7 @@ def create_server(
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
-        options=[("grpc.max_receive_message_length", 32 << 20), ("grpc.so_reuseport", 0)],
+        options=SERVER_OPTIONS,
         interceptors=[ServerTelemetry()],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
@@ -68,7 +89,28 @@ def create_server(
     return server, port, health_servicer
 
 
-def bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
+def create_aio_server(
+    register: Iterable[Callable[[grpc.aio.Server], None]],
+    address: str,
+    credentials: grpc.ServerCredentials | None = None,
+    max_concurrent_rpcs: int | None = None,
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """create_server for grpc.aio: the handlers are coroutines on the running loop, so no thread pool and no
+    hand-off between threads. Call from that loop; start with ``await server.start()``."""
+    server = grpc.aio.server(
+        options=SERVER_OPTIONS,
+        interceptors=[AioServerTelemetry()],
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
+    )
+    for add in register:
+        add(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = bind(server, address, credentials)
+    return server, port, health_servicer
+
+
+def bind(server: grpc.Server | grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
     """Add the listening port (TLS when credentials are given); the bound port, or OSError."""
     if credentials is not None:
         port = server.add_secure_port(address, credentials)
@@ -79,10 +121,20 @@ def bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials 
     return port
 
 
+def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+    return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+
+
 def set_serving(health_servicer: health.HealthServicer, service_names: Iterable[str], serving: bool) -> None:
-    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", *service_names):
-        health_servicer.set(name, status)
+        health_servicer.set(name, _status(serving))
+
+
+async def set_serving_aio(
+    health_servicer: health.aio.HealthServicer, service_names: Iterable[str], serving: bool
+) -> None:
+    for name in ("", *service_names):
+        await health_servicer.set(name, _status(serving))
 
 
 def announce(name: str, port: int, port_file: Path | None) -> None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
+import grpc.aio
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from recsys_common.logs import REQUEST_ID, request_id_from
@@ -39,6 +40,34 @@ def set_bundle_version(component: str, version: str, previous: str | None) -> No
     BUNDLE_INFO.labels(component, version).set(1)
 
 
+@contextlib.contextmanager
+def _observed(
+    method: str, request_id: str, context: grpc.ServicerContext | grpc.aio.ServicerContext[Any, Any]
+) -> Iterator[None]:
+    """Around one RPC's handler: the caller's request id current for its logs; its status code counted and timed."""
+    token = REQUEST_ID.set(request_id)
+    started = time.perf_counter()
+    finished = False
+    try:
+        yield
+        finished = True
+    finally:
+        # context.abort sets the code before it raises; a handler that returned without one answered OK.
+        code = context.code() or (grpc.StatusCode.OK if finished else grpc.StatusCode.UNKNOWN)
+        elapsed = time.perf_counter() - started
+        RPC_REQUESTS.labels(method, code.name).inc()
+        RPC_LATENCY.labels(method).observe(elapsed)
+        level = logging.DEBUG if code == grpc.StatusCode.OK else logging.INFO
+        log.log(level, "rpc %s %s %.2f ms", method, code.name, elapsed * 1000)
+        REQUEST_ID.reset(token)
+
+
+def _replace_behaviour(handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any]) -> grpc.RpcMethodHandler:
+    return grpc.unary_unary_rpc_method_handler(
+        behaviour, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
+
+
 class ServerTelemetry(grpc.ServerInterceptor):
     """Counts and times every unary RPC, and makes the caller's request id (x-request-id) current for its logs."""
 
@@ -52,29 +81,31 @@ class ServerTelemetry(grpc.ServerInterceptor):
         request_id = request_id_from(details.invocation_metadata)
 
         def observed(request: Any, context: grpc.ServicerContext) -> Any:
-            token = REQUEST_ID.set(request_id)
-            started = time.perf_counter()
-            code = grpc.StatusCode.UNKNOWN
-            try:
-                reply = inner(request, context)
-                code = context.code() or grpc.StatusCode.OK
-                return reply
-            except BaseException:
-                code = context.code() or grpc.StatusCode.UNKNOWN  # set by context.abort before it raised
-                raise
-            finally:
-                elapsed = time.perf_counter() - started
-                RPC_REQUESTS.labels(method, code.name).inc()
-                RPC_LATENCY.labels(method).observe(elapsed)
-                level = logging.DEBUG if code == grpc.StatusCode.OK else logging.INFO
-                log.log(level, "rpc %s %s %.2f ms", method, code.name, elapsed * 1000)
-                REQUEST_ID.reset(token)
+            with _observed(method, request_id, context):
+                return inner(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            observed,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return _replace_behaviour(handler, observed)
+
+
+class AioServerTelemetry(grpc.aio.ServerInterceptor):
+    """ServerTelemetry for a grpc.aio server (the gateway's front door, whose handlers are coroutines)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner, method = handler.unary_unary, details.method
+        request_id = request_id_from(details.invocation_metadata)
+
+        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            with _observed(method, request_id, context):
+                return await inner(request, context)
+
+        return _replace_behaviour(handler, observed)
 
 
 def serve_metrics(host: str, port: int) -> int | None:

@@ -24,7 +24,7 @@ import json
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +122,10 @@ class FuzzEnv:
             transport=httpx.ASGITransport(app=self.app, client=("127.0.0.1", 5555), raise_app_exceptions=False),
             base_url="http://gateway",
         )
+
+    def on_core(self, method: Callable[[Any, Any], Coroutine[Any, Any, Any]]) -> Callable[[Any, Any], Any]:
+        """A grpc.aio servicer method as a plain call, run on the gateway's core loop as the server runs it."""
+        return lambda request, context: self.recommender.core.run(method(request, context))
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         return self.loop.run_until_complete(self.http.request(method, path, **kwargs))
@@ -306,9 +310,9 @@ def grpc_methods(env: FuzzEnv) -> list[Method]:
         Method("Retrieval", "BatchSearch", retrieval_pb2.BatchSearchRequest, env.retrieval.BatchSearch),
         Method("Retrieval", "SetUnavailable", retrieval_pb2.SetUnavailableRequest, env.retrieval.SetUnavailable),
         Method("Ranking", "Rank", ranking_pb2.RankRequest, env.ranking.Rank),
-        Method("Gateway", "Recommend", gateway_pb2.RecommendRequest, env.gateway.Recommend),
-        Method("Gateway", "Track", gateway_pb2.TrackRequest, env.gateway.Track),
-        Method("Gateway", "ForgetUser", gateway_pb2.ForgetUserRequest, env.gateway.ForgetUser),
+        Method("Gateway", "Recommend", gateway_pb2.RecommendRequest, env.on_core(env.gateway.Recommend)),
+        Method("Gateway", "Track", gateway_pb2.TrackRequest, env.on_core(env.gateway.Track)),
+        Method("Gateway", "ForgetUser", gateway_pb2.ForgetUserRequest, env.on_core(env.gateway.ForgetUser)),
     ]
 
 

@@ -294,6 +294,29 @@ def test_slow_ranking_gives_a_degraded_answer_within_budget(tiny_bundles: Path, 
         assert {o[0] for o in outcomes} == {200, 503} and len(refused) >= 4, outcomes
         assert all(ms < 100 and retry == "1" for _, ms, retry in refused), refused
 
+        # The gRPC front door: the budget is the call's deadline, and the same limit refuses at once.
+        with grpc.insecure_channel(s.grpc_addr) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            t = time.perf_counter()
+            reply = stub.Recommend(gateway_pb2.RecommendRequest(user_id="hank", k=5), timeout=0.1)
+            assert (time.perf_counter() - t) * 1000 <= 100 + 15
+            assert reply.degraded.startswith("ranking failed: deadline_exceeded") and len(reply.items) == 5
+
+            def ask_grpc(_: int) -> tuple[grpc.StatusCode, float]:
+                t = time.perf_counter()
+                try:
+                    stub.Recommend(gateway_pb2.RecommendRequest(user_id="x", timeout_ms=1000), timeout=10)
+                    code = grpc.StatusCode.OK
+                except grpc.RpcError as err:
+                    code = err.code()
+                return code, (time.perf_counter() - t) * 1000
+
+            with ThreadPoolExecutor(8) as pool:
+                codes = list(pool.map(ask_grpc, range(8)))
+        exhausted = [c for c in codes if c[0] == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        assert {c[0] for c in codes} == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+        assert len(exhausted) >= 4 and all(ms < 100 for _, ms in exhausted), codes
+
 
 def test_forget_erases_the_user_and_raw_ids_never_reach_the_store(tiny_bundles: Path, tmp_path: Path) -> None:
     state = tmp_path / "state"
