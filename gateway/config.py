@@ -61,11 +61,14 @@ class GatewayConfig:
     # (bounds how stale trending and user-based CF, which follow other users' events, may be in a hit).
     answer_cache_size: int = 0
     answer_cache_ttl_s: float = 30.0
-    # Requests in flight beyond this are refused at once (503 / RESOURCE_EXHAUSTED), not queued. Keep it near
-    # what the backends' cores can work on at once: more only shares the same CPU among more requests, so all
-    # of them slow down and overrun their budgets. ML-100K, 2 cores, bench/load.py at 160 requests/s over REST:
-    # 32 in flight gave p99 337 ms with 120 answers flagged partial/degraded; 12 gave p99 74 ms, none flagged.
-    max_inflight: int = 12
+    # Requests in flight beyond this are refused at once (503 / RESOURCE_EXHAUSTED), not queued. By Little's law
+    # the last admitted request waits about max_inflight / throughput: keep that well inside the default budget.
+    # More only shares the same CPU among more requests, so all of them overrun their budgets (before batched
+    # calls, 32 in flight gave p99 337 ms at 160/s). With batched calls, ML-100K on 2 cores serves ~350/s, so 24
+    # waits ~70 ms at most. bench/load.py, 12 vs 24, two rounds each: at 300/s 12 refused 0.2 % of requests in 2
+    # of 4 steps (brief stalls of the shared machine), 24 none in 4, p99 22-30 ms; at 400/s 24 refused 0.6-2.4 %
+    # (12: 4.5-10 %) with p99 74-81 ms, once 142 ms, and no answer flagged partial or degraded.
+    max_inflight: int = 24
     # Calls to retrieval and ranking made in one turn of the core's loop (concurrent requests) go out as one
     # BatchSearch / BatchRank of at most this many (gateway/batching.py); 1 sends every call on its own.
     max_batch: int = 16
