@@ -34,7 +34,7 @@ from gateway.servicer import GatewayServicer
 from gateway.store import open_store
 from protos.recsys.v1 import gateway_pb2, gateway_pb2_grpc
 from recsys_common.config import ConfigError
-from recsys_common.grpc_server import announce, create_aio_server, set_serving_aio
+from recsys_common.grpc_server import announce, create_aio_server, freeze_heap, set_serving_aio
 from recsys_common.logs import setup_logging
 from recsys_common.signing import BundleTrust
 from recsys_common.snapshot import SnapshotHolder
@@ -144,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"gateway: {exc}", file=sys.stderr)
         sys.exit(2)
     recommender.warm_up()
+    freeze_heap()
 
     servicer = guard_servicer(GatewayServicer(recommender), guard)
 

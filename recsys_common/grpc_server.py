@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import gc
 import inspect
 import logging
 import os
@@ -137,6 +138,15 @@ async def set_serving_aio(
         await health_servicer.set(name, _status(serving))
 
 
+def freeze_heap() -> None:
+    """Once startup is done: move every object alive now (modules, the bundle, warm-up leftovers) out of the
+    garbage collector's view, so a full collection while serving walks only what was made since. Measured on
+    ML-100K at 300 requests/s: the gateway's full collections paused it 32 ms unfrozen, 8-13 ms frozen. Frozen
+    objects are still freed by reference counting (a swapped-out bundle goes); only cycles among them stay."""
+    gc.collect()
+    gc.freeze()
+
+
 def announce(name: str, port: int, port_file: Path | None) -> None:
     """Tell the parent process the bound port: one parseable line, and optionally a file (written atomically)."""
     if port_file is not None:
@@ -191,5 +201,6 @@ def service_main(
     overrides = {"bundles_dir": args.bundles, "host": args.host, "port": args.port, "metrics_port": args.metrics_port}
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     server, port, health_servicer = build(config)
+    freeze_heap()
     serve_metrics(config.host, config.metrics_port)
     serve_until_signal(name, server, port, health_servicer, service_names, args.port_file, config.grace_s)
