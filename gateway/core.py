@@ -11,8 +11,8 @@ Concurrency: the core runs every request on one asyncio event loop in its own th
 The remote sources and ranking are grpc.aio calls on that loop and the local numpy sources run inline
 between them, so a request's fan-out costs no thread hand-offs (on a GIL-bound process each hand-off
 is a wake-up and a wait for the lock). Only blocking store calls leave the loop, for a worker thread,
-so that a frozen store costs its budget and nothing more. REST (uvicorn) runs on the same loop; the
-gRPC front door's worker threads submit to it.
+so that a frozen store costs its budget and nothing more. Both front doors run on the same loop: REST
+(uvicorn) and gRPC (a grpc.aio server); only tests and benchmarks submit from other threads.
 
 The transports (rest.py, servicer.py) only convert and admit; every rule about requests is here.
 """
@@ -158,9 +158,14 @@ def _check_id(field_name: str, value: object) -> None:
         raise InvalidRequest(field_name, f"must be at most {MAX_ID_LEN} characters, got {len(value)}")
 
 
+def check_event_count(count: int) -> None:
+    """The batch size rule alone: a transport can apply it before converting a batch of any size."""
+    if not 1 <= count <= MAX_EVENTS:
+        raise InvalidRequest("events", f"must hold 1..{MAX_EVENTS} events, got {count}")
+
+
 def validate_events(events: Sequence[Event]) -> None:
-    if not 1 <= len(events) <= MAX_EVENTS:
-        raise InvalidRequest("events", f"must hold 1..{MAX_EVENTS} events, got {len(events)}")
+    check_event_count(len(events))
     for n, e in enumerate(events):
         _check_id(f"events[{n}].user_id", e.user_id)
         _check_id(f"events[{n}].item_id", e.item_id)
@@ -485,7 +490,7 @@ class Recommender:
         return chosen
 
     def recommend(self, req: RecommendRequest, grpc_remaining_s: float | None = None) -> Recommendation:
-        """From a thread (the gRPC front door, tests, benchmarks): the answer, computed on the core loop."""
+        """From a thread (tests, benchmarks): the answer, computed on the core loop."""
         return self.core.run(self._recommend(req, grpc_remaining_s))
 
     async def recommend_async(self, req: RecommendRequest, grpc_remaining_s: float | None = None) -> Recommendation:

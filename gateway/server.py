@@ -30,7 +30,7 @@ from gateway.core import BundleView, Recommender
 from gateway.modes import is_loopback, production_problems
 from gateway.privacy import Pseudonymizer, key_dir, load_user_key, read_key_file
 from gateway.rest import create_app
-from gateway.servicer import GatewayServicer
+from gateway.servicer import MAX_MESSAGE_BYTES, GatewayServicer
 from gateway.store import open_store
 from protos.recsys.v1 import gateway_pb2, gateway_pb2_grpc
 from recsys_common.config import ConfigError
@@ -154,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         server, port, health_servicer = create_aio_server(
             [lambda s: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, s)],
             f"{config.host}:{config.grpc_port}",
+            MAX_MESSAGE_BYTES,
             credentials=tls.server_credentials(require_client_auth=False) if tls is not None else None,
             max_concurrent_rpcs=config.max_inflight + 4,
         )
@@ -200,8 +201,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         serving.result()  # returns once in-flight REST requests are done (or the grace period ended)
     finally:
         drain()
-        grpc_stopped[0].result()
-        recommender.close()
+        try:
+            grpc_stopped[0].result()
+        finally:
+            recommender.close()
 
 
 class DrainingServer(uvicorn.Server):

@@ -93,13 +93,15 @@ def create_server(
 def create_aio_server(
     register: Iterable[Callable[[grpc.aio.Server], None]],
     address: str,
+    max_message_bytes: int,
     credentials: grpc.ServerCredentials | None = None,
     max_concurrent_rpcs: int | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """create_server for grpc.aio: the handlers are coroutines on the running loop, so no thread pool and no
-    hand-off between threads. Call from that loop; start with ``await server.start()``."""
+    hand-off between threads. Call from that loop; start with ``await server.start()``. Requests are decoded on
+    the loop too, so max_message_bytes bounds what one request can cost it (larger: RESOURCE_EXHAUSTED)."""
     server = grpc.aio.server(
-        options=SERVER_OPTIONS,
+        options=[("grpc.max_receive_message_length", max_message_bytes), ("grpc.so_reuseport", 0)],
         interceptors=[AioServerTelemetry()],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )

@@ -7,6 +7,7 @@ their own HTTP port (`RECSYS_<SERVICE>_METRICS_PORT`, off when 0).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -47,13 +48,19 @@ def _observed(
     """Around one RPC's handler: the caller's request id current for its logs; its status code counted and timed."""
     token = REQUEST_ID.set(request_id)
     started = time.perf_counter()
-    finished = False
+    unset = grpc.StatusCode.UNKNOWN  # what an exception escaping the handler becomes
     try:
         yield
-        finished = True
+        unset = grpc.StatusCode.OK
+    except asyncio.CancelledError:  # grpc.aio cancels the handler when the caller cancels or its deadline passes
+        remaining = context.time_remaining()
+        unset = (
+            grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+        )
+        raise
     finally:
         # context.abort sets the code before it raises; a handler that returned without one answered OK.
-        code = context.code() or (grpc.StatusCode.OK if finished else grpc.StatusCode.UNKNOWN)
+        code = context.code() or unset
         elapsed = time.perf_counter() - started
         RPC_REQUESTS.labels(method, code.name).inc()
         RPC_LATENCY.labels(method).observe(elapsed)

@@ -157,6 +157,16 @@ def test_gateway_grpc_recommend_and_track(stack: Stack) -> None:
         with pytest.raises(grpc.RpcError) as err:
             stub.Recommend(gateway_pb2.RecommendRequest(user_id="erin", k=5000), timeout=5)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "k" in err.value.details()
+        # The limits hold before any per-event work: a batch over 1,000 events is refused by its count, a message
+        # over 1 MiB (REST: 256 KiB) before it is decoded; the front door answers normally right after.
+        tiny = [common_pb2.Event(user_id="e", item_id="i002", timestamp=5)]
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Track(gateway_pb2.TrackRequest(events=tiny * 60_000), timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "events" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Track(gateway_pb2.TrackRequest(events=tiny * 200_000), timeout=5)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert stub.Recommend(gateway_pb2.RecommendRequest(user_id="erin", k=4), timeout=5).items
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
 
