@@ -65,9 +65,10 @@ class GatewayConfig:
     # the last admitted request waits about max_inflight / throughput: keep that well inside the default budget.
     # More only shares the same CPU among more requests, so all of them overrun their budgets (before batched
     # calls, 32 in flight gave p99 337 ms at 160/s). With batched calls, ML-100K on 2 cores serves ~350/s, so 24
-    # waits ~70 ms at most. bench/load.py, 12 vs 24, two rounds each: at 300/s 12 refused 0.2 % of requests in 2
-    # of 4 steps (brief stalls of the shared machine), 24 none in 4, p99 22-30 ms; at 400/s 24 refused 0.6-2.4 %
-    # (12: 4.5-10 %) with p99 74-81 ms, once 142 ms, and no answer flagged partial or degraded.
+    # wait ~70 ms at most, inside the 200 ms default budget. bench/load.py, 12 vs 24, two rounds each: at 300/s
+    # 12 refused 0.2 % of requests in 2 of 4 steps (brief stalls of the shared machine), 24 none in 4, p99
+    # 22-30 ms; at 400/s 24 refused 0.6-2.4 % (12: 4.5-10 %) with p99 74-81 ms, once 142 ms, and no answer
+    # flagged partial or degraded.
     max_inflight: int = 24
     # Calls to retrieval and ranking made in one turn of the core's loop (concurrent requests) go out as one
     # BatchSearch / BatchRank of at most this many (gateway/batching.py); 1 sends every call on its own.
