@@ -490,7 +490,7 @@ class Recommender:
         return chosen
 
     def recommend(self, req: RecommendRequest, grpc_remaining_s: float | None = None) -> Recommendation:
-        """From a thread (tests, benchmarks): the answer, computed on the core loop."""
+        """From a thread (warm-up, tests, benchmarks): the answer, computed on the core loop."""
         return self.core.run(self._recommend(req, grpc_remaining_s))
 
     async def recommend_async(self, req: RecommendRequest, grpc_remaining_s: float | None = None) -> Recommendation:

@@ -28,8 +28,6 @@ log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-SERVER_OPTIONS = [("grpc.max_receive_message_length", 32 << 20), ("grpc.so_reuseport", 0)]
-
 
 def map_errors(method: F) -> F:
     """Servicer-method decorator: RecsysError -> its gRPC status; anything else -> INTERNAL, logged.
@@ -78,7 +76,7 @@ def create_server(
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
-        options=SERVER_OPTIONS,
+        options=[("grpc.max_receive_message_length", 32 << 20), ("grpc.so_reuseport", 0)],
         interceptors=[ServerTelemetry()],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
